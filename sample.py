@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Sample images from any stage.
+
+    python sample.py --out_file ./images/celeba_u_6.png --module celeba_u \
+        --checkpoint ./checkpoints/celeba/base_6/checkpoint.pt --batch_size 1
+
+--time_scale k samples with N/k steps. Under torchrun the images are shared out over the processes;
+image i always starts from the same noise (seeded by --seed and i), whatever the number of processes.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision
+
+from script_utils import (ArgumentParser, UserError, add_common_arguments, checkpoint_channel_order,
+                          checkpoint_time_labels, extra_args_fn, load_checkpoint, load_user_module, load_weights,
+                          main_guard, make_diffusion, make_user_model, positive_int, str2bool)
+from train_utils import AMP_DTYPES, RunContext, trajectory_grid
+
+
+def make_argument_parser():
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint to sample from")
+    parser.add_argument("--out_file", default="", help="PNG grid of the samples")
+    parser.add_argument("--out_npz", default="", help="also write arr_0 (uint8 NHWC) and samples (float32 NCHW in [-1, 1])")
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="number of images")
+    parser.add_argument("--chunk_size", type=positive_int, default=256, help="images per network call")
+    parser.add_argument("--diffusion", default="GaussianDiffusion", choices=["GaussianDiffusion", "GaussianDiffusionDefault"],
+                        help="accepted for the original's command lines; both sample the same way")
+    parser.add_argument("--time_scale", type=positive_int, default=1, help="sample with n_timesteps/time_scale steps")
+    parser.add_argument("--clipped_sampling", type=str2bool, default=False, help="DDIM with x and eps clipping instead of ancestral sampling")
+    parser.add_argument("--clipping_value", type=float, default=1.2, help="clipping bound of the clipped sampler")
+    parser.add_argument("--eta", type=float, default=0.0, help="noise of the clipped sampler (0: deterministic DDIM)")
+    parser.add_argument("--trajectory", type=str2bool, default=False, help="draw 5 rows: intermediate states and the result")
+    parser.add_argument("--channel_order", default="auto", choices=["auto", "RGB", "BGR"],
+                        help="channel order of the model's images; auto: as recorded, BGR for the original's files")
+    parser.add_argument("--amp", default="no", choices=sorted(AMP_DTYPES), help="mixed precision for the network")
+    parser.add_argument("--channels_last", type=str2bool, default=False, help="channels_last memory format")
+    parser.add_argument("--compile", type=str2bool, default=False, help="torch.compile the network")
+    return parser
+
+
+def image_noise(indices, shape, seed):
+    """The starting noise of images `indices`: image i always gets the same noise."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices])
+
+
+@main_guard
+def main(argv=None):
+    args = make_argument_parser().parse_args(argv)
+    if not args.out_file and not args.out_npz:
+        raise UserError("nothing to write: give --out_file PATH.png and/or --out_npz PATH.npz")
+    ctx = RunContext(args)
+    module = load_user_module(args.module)
+    ckpt = load_checkpoint(args.checkpoint)
+    n = int(ckpt["n_timesteps"])
+    if n % args.time_scale:
+        raise UserError(f"--time_scale {args.time_scale} does not divide the model's {n} steps")
+    model = make_user_model(module)
+    load_weights(model, ckpt["G"], args.checkpoint)
+    model.to(ctx.device).eval().requires_grad_(False)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if args.compile else model
+    diffusion = make_diffusion(net, n // args.time_scale, ckpt["time_scale"] * args.time_scale, device=ctx.device,
+                               sampler="clipped" if args.clipped_sampling else "ddpm",
+                               time_labels=checkpoint_time_labels(ckpt))
+    bgr = (checkpoint_channel_order(ckpt) if args.channel_order == "auto" else args.channel_order) == "BGR"
+    sample_kwargs = dict(extra_args=extra_args_fn(module)(None, None, ctx.device), eta=args.eta, clip_value=args.clipping_value)
+    shape = list(model.image_size[1:])
+    print(f"Model loaded: {n // args.time_scale} steps at time scale {ckpt['time_scale'] * args.time_scale}.")
+
+    torch.manual_seed(args.seed * 1_000_003 + ctx.rank)
+    if args.trajectory:
+        with ctx.autocast():
+            grid = trajectory_grid(diffusion, image_noise(range(args.batch_size), shape, args.seed).to(ctx.device),
+                                   bgr=bgr, progress=True, **sample_kwargs)
+        if ctx.is_main:
+            save_png(grid, args.out_file)
+        return finish(ctx, args)
+
+    mine = list(range(ctx.rank, args.batch_size, ctx.world_size))
+    samples = []
+    for start in range(0, len(mine), args.chunk_size):
+        noise = image_noise(mine[start:start + args.chunk_size], shape, args.seed).to(ctx.device)
+        if args.channels_last:
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        with ctx.autocast():
+            samples.append(diffusion.p_sample_loop(noise, progress=ctx.is_main, **sample_kwargs).float().cpu())
+    samples = torch.cat(samples) if samples else torch.zeros([0] + shape)
+    samples = gather_in_order(ctx, samples, args.batch_size)
+    if ctx.is_main:
+        if bgr and samples.shape[1] == 3:
+            samples = samples.flip(1)
+        samples = samples.clamp(-1, 1)
+        if args.out_file:
+            nrow = max(1, math.ceil(math.sqrt(samples.shape[0])))
+            save_png(torchvision.utils.make_grid((samples + 1) / 2, nrow=nrow, padding=2), args.out_file)
+        if args.out_npz:
+            arr = ((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            make_parent(args.out_npz)
+            np.savez(args.out_npz, arr_0=arr, samples=samples.numpy().astype(np.float32))
+            print(f"Wrote {samples.shape[0]} samples to {args.out_npz}")
+    return finish(ctx, args)
+
+
+def gather_in_order(ctx, samples, total):
+    """Collect every rank's images on rank 0, in image order (rank r holds images r, r+W, ...)."""
+    if not ctx.distributed:
+        return samples
+    parts = [None] * ctx.world_size
+    dist.all_gather_object(parts, samples)
+    out = torch.empty([total] + list(samples.shape[1:]))
+    for rank, part in enumerate(parts):
+        out[rank::ctx.world_size] = part
+    return out
+
+
+def make_parent(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+
+
+def save_png(grid, path):
+    make_parent(path)
+    torchvision.utils.save_image(grid, path)
+    print(f"Wrote {path}")
+
+
+def finish(ctx, args):
+    ctx.close()
+    print("Finished.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""What the scripts share outside the training loop: user errors, flags, user modules, checkpoints.
+
+Checkpoint format (SPEC "Checkpoints"): one dict readable with torch.load(weights_only=True):
+  G             state_dict for sampling and as the next teacher (EMA weights where an EMA is kept)
+  n_timesteps   sampling steps N of this model
+  time_scale    how many base steps one step spans
+and, written by this project only:
+  format_version, time_labels ("aligned" | "original"), channel_order ("RGB" | "BGR"), step, stage
+  ("train" | "distill"), args (plain dict), model (raw weights when G holds an EMA), optimizer, scaler,
+  bad_steps.
+A file with only the first three keys is the original implementation's: original time labels, BGR.
+"""
+import argparse
+import errno
+import functools
+import importlib
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+
+import torch
+
+from diffusion import GaussianDiffusion, GaussianDiffusionDefault, make_beta_schedule
+from lmdb_data import DataError
+
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+# The original's --diffusion values, chosen from a table (never looked up by name).
+DIFFUSIONS = {"GaussianDiffusion": GaussianDiffusion, "GaussianDiffusionDefault": GaussianDiffusionDefault}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; scripts print its one-line message and exit with status 2."""
+
+
+def main_guard(main):
+    """Run `main`, turning user mistakes into one line on stderr and exit status 2 (never a traceback)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (UserError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (the message), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def str2bool(value):
+    """Parse True/False properly (argparse's type=bool turns 'False' into True)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes", "y", "on"):
+        return True
+    if lowered in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def positive_int(value):
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def choose_device(name):
+    """`--device`: 'auto' is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
+    return device
+
+
+# -- user modules ----------------------------------------------------------------------------
+
+def load_user_module(name):
+    """Import the user module NAME and check it offers make_model and make_dataset."""
+    if name.endswith(".py"):
+        name = name[:-3]
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name or name.startswith(f"{e.name}."):
+            raise UserError(f"no user module named {name!r} (a file {name}.py in the current folder or on PYTHONPATH)") from None
+        raise
+    missing = [f for f in ("make_model", "make_dataset") if not callable(getattr(module, f, None))]
+    if missing:
+        raise UserError(f"user module {name!r} has no {' or '.join(missing)}(); it must define make_model() and make_dataset()")
+    return module
+
+
+def make_user_model(module):
+    model = module.make_model()
+    size = getattr(model, "image_size", None)
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{module.__name__}.make_model() must return a torch.nn.Module, got {type(model).__name__}")
+    if size is None or len(size) != 4:
+        raise UserError(f"the model from {module.__name__}.make_model() needs an attribute image_size = [1, C, H, W]")
+    return model
+
+
+def make_user_dataset(module):
+    try:
+        dataset = module.make_dataset()
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    if len(dataset) == 0:
+        raise UserError(f"{module.__name__}.make_dataset() returned an empty data set")
+    return dataset
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint safely (weights_only: a file crafted to run code is refused, not run)."""
+    if not path:
+        raise UserError("no checkpoint given")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise UserError(f"refusing to load {path}: it holds more than tensors and plain values ({first})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    missing = [k for k in ("G", "n_timesteps", "time_scale") if k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; expected a dict with G, n_timesteps, time_scale")
+    return ckpt
+
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes that DistributedDataParallel and torch.compile add to parameter names."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_weights(model, state_dict, source):
+    """load_state_dict(strict=True) with a one-line error when the weights belong to another model."""
+    try:
+        model.load_state_dict(clean_state_dict(state_dict), strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"the weights in {source} do not fit the model of this user module ({detail[:200]}...)") from None
+
+
+def checkpoint_time_labels(ckpt):
+    """Files of the original implementation carry no record and use its labels i*time_scale."""
+    return ckpt.get("time_labels", "original")
+
+
+def checkpoint_channel_order(ckpt):
+    """Files of the original implementation carry no record; its CelebA weights produce BGR images."""
+    return ckpt.get("channel_order", "BGR")
+
+
+def make_diffusion(model, n_timesteps, time_scale, cls=GaussianDiffusion, device="cpu", **kwargs):
+    betas = make_beta_schedule("cosine", n_timesteps).to(device)
+    return cls(model, betas, time_scale=time_scale, **kwargs)
+
+
+def save_checkpoint(state, directory, step=None, keep=0):
+    """Write `directory/checkpoint.pt` crash-safely; with keep > 0 also keep the last `keep` step files.
+
+    The data go to a temporary file in the same folder, are flushed to disk and renamed into place, so
+    a crash at any moment leaves the previous checkpoint or the new one, never a torn file. A failed
+    write (disk full, say) removes the temporary file and raises UserError; the old file is intact.
+    """
+    os.makedirs(directory, exist_ok=True)
+    final = os.path.join(directory, CHECKPOINT_NAME)
+    target = os.path.join(directory, f"checkpoint-{step:08d}.pt") if keep > 0 and step is not None else final
+    _atomic_save(state, target)
+    if target != final:
+        _atomic_link_or_copy(target, final)
+        _prune(directory, keep)
+    _fsync_dir(directory)
+    return final
+
+
+def _atomic_save(state, path):
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).splitlines()[0]
+            raise UserError(f"could not write checkpoint {path} ({reason}); the previous checkpoint is intact") from None
+        raise
+
+
+def _atomic_link_or_copy(source, path):
+    """Point `path` at the same data as `source` (a hard link, or a copy where links are unsupported)."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-link-{os.getpid()}.pt")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        _atomic_save(torch.load(source, weights_only=True, map_location="cpu"), path)
+        return
+    os.replace(tmp, path)
+
+
+def _prune(directory, keep):
+    step_files = sorted(f for f in os.listdir(directory) if f.startswith("checkpoint-") and f.endswith(".pt"))
+    for name in step_files[:-keep]:
+        os.remove(os.path.join(directory, name))
+
+
+def _fsync_dir(directory):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def add_common_arguments(parser):
+    """Flags every script shares."""
+    parser.add_argument("--module", required=True, help="user module with make_model() and make_dataset(), e.g. celeba_u")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def extra_args_fn(module):
+    """The user module's optional make_extra_args(images, labels, device) -> dict (conditioning)."""
+    fn = getattr(module, "make_extra_args", None)
+    return fn if callable(fn) else (lambda images, labels, device: {})

@@ -1,0 +1,405 @@
+"""The training loop shared by train.py and distillate.py.
+
+One loop: data from a resumable, per-rank sharded sampler; the learning rate a pure function of the
+step; every step's randomness seeded from (seed, rank, step), so resuming needs only the step; AMP,
+gradient clipping, a guard against non-finite losses, EMA with warm-up, DistributedDataParallel,
+TensorBoard logging (loss by noise-level quartile, sample grids with their trajectory), crash-safe
+checkpoints on a step or minute interval, and a graceful stop on SIGINT/SIGTERM.
+"""
+import copy
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from script_utils import (FORMAT_VERSION, UserError, clean_state_dict, choose_device, load_weights,
+                          positive_int, save_checkpoint, str2bool)
+
+# --scheduler values; the original's strategy names map onto the same pure functions.
+LR_SCHEDULES = {"constant": "constant", "linear": "linear", "cosine": "cosine", "onecycle": "onecycle",
+                "StrategyConstantLR": "constant", "StrategyLinearLR": "linear",
+                "StrategyCosineAnnel": "cosine", "StrategyOneCycle": "onecycle"}
+AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def get_lr(step, base_lr, total_steps, schedule="constant", warmup=0):
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule.
+
+    linear: decays to 0 at total_steps (the paper's per-stage schedule); cosine: half a cosine to 0;
+    onecycle: up from base_lr/25 over the first 30%, then a cosine down to 0.
+    """
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if schedule == "constant":
+        return base_lr
+    if schedule == "linear":
+        return base_lr * (1 - progress)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "onecycle":
+        if progress < 0.3:
+            return base_lr * (0.04 + 0.96 * progress / 0.3)
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with warm-up.
+
+    The decay at step s is min(decay, (1 + s) / (10 + s)), so short runs are not dominated by the
+    initial weights.
+    """
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.decay, (1 + step) / (10 + step))
+        ema_params = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+
+class InfiniteShardSampler(torch.utils.data.Sampler):
+    """Endless shuffled indices: epoch e is a permutation seeded by (seed, e), rank r takes every
+    world_size-th index of it, and the first `start` indices of this rank are skipped (resume)."""
+
+    def __init__(self, n, seed, rank=0, world_size=1, start=0):
+        self.n, self.seed, self.rank, self.world_size, self.start = n, seed, rank, world_size, start
+
+    def __iter__(self):
+        skip, epoch = self.start, 0
+        while True:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            shard = torch.randperm(self.n, generator=generator)[self.rank::self.world_size]
+            if skip < len(shard):
+                yield from shard[skip:].tolist()
+            skip = max(0, skip - len(shard))
+            epoch += 1
+
+
+class RunContext:
+    """Device, distributed rank and AMP settings of this process (torchrun sets RANK/WORLD_SIZE)."""
+
+    def __init__(self, args):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.distributed = self.world_size > 1
+        device = choose_device(args.device)
+        if self.distributed and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+        self.amp_dtype = AMP_DTYPES[getattr(args, "amp", "no")]
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def all_max(self, values):
+        """Element-wise max of a list of floats over all ranks."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+    def close(self):
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def add_training_arguments(parser, *, lr, scheduler, num_iters, ema_decay):
+    """Flags shared by train.py and distillate.py (the original's names and meanings, with fixes)."""
+    add = parser.add_argument
+    add("--name", required=True, help="experiment name; output goes to ./checkpoints/<name>/<dname>/")
+    add("--dname", required=True, help="run name within the experiment; output goes to ./checkpoints/<name>/<dname>/")
+    add("--checkpoint_to_continue", default="", help="checkpoint to resume from (model, EMA, optimizer and step)")
+    add("--num_iters", type=positive_int, default=num_iters, help="total optimizer steps of the run")
+    add("--batch_size", type=positive_int, default=1, help="images per optimizer step per process")
+    add("--lr", type=float, default=lr, help="peak learning rate")
+    add("--scheduler", default=scheduler, choices=sorted(LR_SCHEDULES), help="learning-rate schedule over the run")
+    add("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
+    add("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this value (0: no clipping)")
+    add("--ema_decay", type=float, default=ema_decay, help="EMA decay of the weights saved as G (0: no EMA)")
+    add("--log_interval", type=float, default=15, help="minutes between sample grids in TensorBoard (fractions allowed)")
+    add("--log_every", type=positive_int, default=50, help="steps between scalar logs (loss, lr, grad norm, ...)")
+    add("--log_images", type=positive_int, default=4, help="images in the TensorBoard sample grid")
+    add("--ckpt_interval", type=float, default=30, help="minutes between checkpoints (fractions allowed)")
+    add("--save_every", type=int, default=0, help="also save every N steps (0: by minutes only)")
+    add("--keep_last", type=int, default=0, help="keep this many step-numbered checkpoints beside checkpoint.pt")
+    add("--max_bad_steps", type=positive_int, default=20, help="stop after this many non-finite losses in a row")
+    add("--num_workers", type=int, default=-1, help="data loader workers (-1: 2 per image in the batch, at most 8)")
+    add("--amp", default="no", choices=sorted(AMP_DTYPES), help="mixed precision for the network (schedule math stays float64)")
+    add("--channels_last", type=str2bool, default=False, help="channels_last memory format (faster convolutions on GPUs)")
+    add("--compile", type=str2bool, default=False, help="torch.compile the trained network")
+    add("--grad_checkpoint", type=str2bool, default=False, help="recompute activations in the backward pass (less memory)")
+
+
+class Trainer:
+    """Optimises `model` on a per-sample loss; owns the optimizer, EMA, checkpoints and logs.
+
+    `self.net` is the module to call in the loss (DDP-wrapped and/or compiled as asked);
+    `self.sampling_model` the weights saved as G (the EMA where one is kept).
+    """
+
+    def __init__(self, args, ctx, model, checkpoint_dir, checkpoint_meta):
+        self.args, self.ctx, self.model = args, ctx, model
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_meta = checkpoint_meta
+        if args.grad_checkpoint:
+            if not hasattr(model, "grad_checkpoint"):
+                raise UserError("--grad_checkpoint True needs a model with a grad_checkpoint attribute (the UNet has one)")
+            model.grad_checkpoint = True
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        model.to(ctx.device, memory_format=memory_format).train()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
+        self.ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+        self.step = 0
+        self.bad_steps = 0
+        net = torch.compile(model) if args.compile else model
+        if ctx.distributed:
+            net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.net = net
+        self._stop_signal = None
+
+    @property
+    def sampling_model(self):
+        return self.ema.model if self.ema is not None else self.model
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def restore(self, ckpt, source):
+        """Continue from a checkpoint: full training state if it has one, else its weights only."""
+        load_weights(self.model, ckpt.get("model", ckpt["G"]), source)
+        if self.ema is not None:
+            load_weights(self.ema.model, ckpt["G"], source)
+        if "optimizer" in ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.step = int(ckpt.get("step", 0))
+            self.bad_steps = int(ckpt.get("bad_steps", 0))
+        self._print(f"Continuing from {source} at step {self.step}.")
+
+    def state_dict(self):
+        state = dict(self.checkpoint_meta)
+        state.update(G=clean_state_dict(self.sampling_model.state_dict()), format_version=FORMAT_VERSION,
+                     step=self.step, bad_steps=self.bad_steps, args=dict(vars(self.args)),
+                     optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict())
+        if self.ema is not None:
+            state["model"] = clean_state_dict(self.model.state_dict())
+        return state
+
+    def save(self):
+        if self.ctx.is_main:
+            path = save_checkpoint(self.state_dict(), self.checkpoint_dir, step=self.step, keep=self.args.keep_last)
+            self._print(f"Saved {path} at step {self.step}.", bar=True)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def make_loader(self, dataset):
+        args, ctx = self.args, self.ctx
+        workers = min(2 * args.batch_size, 8) if args.num_workers < 0 else args.num_workers
+        sampler = InfiniteShardSampler(len(dataset), args.seed, ctx.rank, ctx.world_size,
+                                       start=self.step * args.batch_size)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+            pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(args.seed + ctx.rank))
+
+    def fit(self, dataset, loss_fn, sample_diffusion, bgr=False):
+        """Run optimizer steps until args.num_iters.
+
+        loss_fn(images, labels) -> (per-sample losses, per-sample noise level in [0, 1));
+        sample_diffusion: the diffusion over `sampling_model` drawn for the TensorBoard grids
+        (bgr=True: its images are BGR and are flipped for display).
+        Returns "done" or "stopped" (by a signal; a checkpoint was saved).
+        """
+        args, ctx = self.args, self.ctx
+        if self.step >= args.num_iters:
+            self._print(f"Nothing to do: the checkpoint is at step {self.step} of --num_iters {args.num_iters}.")
+            return "done"
+        writer = self._tensorboard()
+        loader = iter(self.make_loader(dataset))
+        window = Window()
+        bar = tqdm(total=args.num_iters, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True)
+        self._bar = bar
+        last_log = last_ckpt = time.monotonic()
+        params = list(self.model.parameters())
+        self._install_signal_handlers()
+        try:
+            while self.step < args.num_iters:
+                torch.manual_seed(args.seed * 1_000_003 + ctx.rank * 7_919 + self.step)
+                images, labels = next(loader)
+                images = images.to(ctx.device, non_blocking=True)
+                if args.channels_last and images.ndim == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                lr = get_lr(self.step, args.lr, args.num_iters, LR_SCHEDULES[args.scheduler], args.warmup)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                with ctx.autocast():
+                    losses, levels = loss_fn(images, labels)
+                loss = losses.float().mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+                loss_value = loss.item()
+                grad_ok = math.isfinite(grad_norm.item()) or self.scaler.is_enabled()
+                bad, stop = ctx.all_max([float(not (math.isfinite(loss_value) and grad_ok)), float(self._stop_signal is not None)])
+                if bad:
+                    self._skip_step()
+                else:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    if self.ema is not None:
+                        self.ema.update(self.model, self.step)
+                    self.bad_steps = 0
+                    window.add(loss_value, grad_norm.item(), losses.detach(), levels)
+                self.step += 1
+                bar.update(1)
+                now = time.monotonic()
+                if self.step % args.log_every == 0 or self.step == args.num_iters:
+                    self._log_scalars(writer, window, lr)
+                if ctx.is_main and (now - last_log >= 60 * args.log_interval or self.step == args.num_iters):
+                    self._log_samples(writer, sample_diffusion, bgr)
+                    last_log = time.monotonic()
+                periodic = args.save_every > 0 and self.step % args.save_every == 0
+                if stop or periodic or now - last_ckpt >= 60 * args.ckpt_interval or self.step == args.num_iters:
+                    self.save()
+                    last_ckpt = time.monotonic()
+                if stop:
+                    self._print(f"Stopped by a signal at step {self.step}; resume with --checkpoint_to_continue "
+                                f"{os.path.join(self.checkpoint_dir, 'checkpoint.pt')}", bar=True)
+                    return "stopped"
+            return "done"
+        finally:
+            self._restore_signal_handlers()
+            bar.close()
+            if writer is not None:
+                writer.close()
+
+    def _skip_step(self):
+        """A non-finite loss or gradient: drop the update, count it, stop after too many in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self.bad_steps += 1
+        self._print(f"Step {self.step}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row).", bar=True)
+        if self.bad_steps >= self.args.max_bad_steps:
+            last = os.path.join(self.checkpoint_dir, "checkpoint.pt")
+            raise UserError(f"{self.bad_steps} non-finite losses in a row at step {self.step}: training diverged; "
+                            f"lower --lr or check the data; the last good checkpoint is {last}")
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _tensorboard(self):
+        if not self.ctx.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(os.path.join(self.checkpoint_dir, "tensorboard"))
+
+    def _log_scalars(self, writer, window, lr):
+        stats = window.pop()
+        if writer is None or stats is None:
+            return
+        for key, value in stats.items():
+            writer.add_scalar(key, value, self.step)
+        writer.add_scalar("lr", lr, self.step)
+        writer.add_scalar("skipped_steps_in_a_row", self.bad_steps, self.step)
+        self._bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{stats['images_per_sec'] * self.ctx.world_size:.1f}")
+
+    def _log_samples(self, writer, diffusion, bgr):
+        shape = [self.args.log_images] + list(self.model.image_size[1:])
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.args.seed)).to(self.ctx.device)
+        writer.add_image("samples", trajectory_grid(diffusion, noise, bgr=bgr), self.step)
+        writer.flush()
+
+    def _print(self, message, bar=False):
+        if self.ctx.is_main:
+            (tqdm.write if bar else print)(message)
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        self._previous_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _restore_signal_handlers(self):
+        for s, previous in self._previous_handlers.items():
+            signal.signal(s, previous)
+
+
+class Window:
+    """Running sums of the logged quantities between two scalar logs."""
+
+    def __init__(self):
+        self.pop()
+
+    def add(self, loss, grad_norm, losses, levels):
+        self.n += 1
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.images += losses.shape[0]
+        quartile = (levels.to(losses.device).float() * 4).long().clamp(0, 3)
+        self.q_sum += torch.zeros(4, device=losses.device).index_add_(0, quartile, losses.float()).cpu()
+        self.q_count += torch.bincount(quartile.cpu(), minlength=4).float()
+
+    def pop(self):
+        stats = None
+        if getattr(self, "n", 0):
+            elapsed = time.monotonic() - self.start
+            stats = {"loss": self.loss / self.n, "grad_norm": self.grad_norm / self.n,
+                     "images_per_sec": self.images / max(elapsed, 1e-9)}
+            for q in range(4):
+                if self.q_count[q] > 0:
+                    stats[f"loss_by_noise_level/q{q}"] = (self.q_sum[q] / self.q_count[q]).item()
+        self.n, self.loss, self.grad_norm, self.images = 0, 0.0, 0.0, 0
+        self.q_sum, self.q_count = torch.zeros(4), torch.zeros(4)
+        self.start = time.monotonic()
+        return stats
+
+
+def trajectory_grid(diffusion, noise, captures=5, bgr=False, **sample_kwargs):
+    """Sample from `noise`; return a CHW grid in [0, 1] with one row per captured step, the last row
+    the final images (the original's visualisation). bgr=True flips channels for display."""
+    n = diffusion.num_timesteps
+    capture_at = {round(k * (n - 1) / (captures - 1)) for k in range(captures - 1)} if captures > 1 else set()
+    rows = []
+
+    def callback(i, x):
+        if n - 1 - i in capture_at and i != 0:
+            rows.append(x.float().cpu())
+
+    final = diffusion.p_sample_loop(noise, callback=callback, **sample_kwargs)
+    images = torch.cat(rows + [final.float().cpu()], dim=0)
+    if bgr and images.shape[1] == 3:
+        images = images.flip(1)
+    return torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=noise.shape[0], padding=1)
