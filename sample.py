@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-from script_utils import (ArgumentParser, UserError, add_common_arguments, checkpoint_channel_order,
-                          checkpoint_time_labels, extra_args_fn, load_checkpoint, load_user_module, load_weights,
-                          main_guard, make_diffusion, make_user_model, positive_int, str2bool)
+from script_utils import (ArgumentParser, UserError, add_common_arguments, checkpoint_channel_order, extra_args_fn,
+                          image_noise, load_model_from_checkpoint, load_user_module, main_guard,
+                          make_sampling_diffusion, positive_int, str2bool)
 from train_utils import AMP_DTYPES, RunContext, trajectory_grid
 
 
@@ -44,11 +44,6 @@ def make_argument_parser():
     return parser
 
 
-def image_noise(indices, shape, seed):
-    """The starting noise of images `indices`: image i always gets the same noise."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices])
-
-
 @main_guard
 def main(argv=None):
     args = make_argument_parser().parse_args(argv)
@@ -56,23 +51,15 @@ def main(argv=None):
         raise UserError("nothing to write: give --out_file PATH.png and/or --out_npz PATH.npz")
     ctx = RunContext(args)
     module = load_user_module(args.module)
-    ckpt = load_checkpoint(args.checkpoint)
-    n = int(ckpt["n_timesteps"])
-    if n % args.time_scale:
-        raise UserError(f"--time_scale {args.time_scale} does not divide the model's {n} steps")
-    model = make_user_model(module)
-    load_weights(model, ckpt["G"], args.checkpoint)
-    model.to(ctx.device).eval().requires_grad_(False)
+    model, ckpt = load_model_from_checkpoint(module, args.checkpoint, ctx.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
-    diffusion = make_diffusion(net, n // args.time_scale, ckpt["time_scale"] * args.time_scale, device=ctx.device,
-                               sampler="clipped" if args.clipped_sampling else "ddpm",
-                               time_labels=checkpoint_time_labels(ckpt))
+    diffusion = make_sampling_diffusion(net, ckpt, args.time_scale, args.clipped_sampling, ctx.device)
     bgr = (checkpoint_channel_order(ckpt) if args.channel_order == "auto" else args.channel_order) == "BGR"
     sample_kwargs = dict(extra_args=extra_args_fn(module)(None, None, ctx.device), eta=args.eta, clip_value=args.clipping_value)
     shape = list(model.image_size[1:])
-    print(f"Model loaded: {n // args.time_scale} steps at time scale {ckpt['time_scale'] * args.time_scale}.")
+    print(f"Model loaded: {diffusion.num_timesteps} steps at time scale {diffusion.time_scale}.")
 
     torch.manual_seed(args.seed * 1_000_003 + ctx.rank)
     if args.trajectory:

@@ -259,3 +259,26 @@ def extra_args_fn(module):
     """The user module's optional make_extra_args(images, labels, device) -> dict (conditioning)."""
     fn = getattr(module, "make_extra_args", None)
     return fn if callable(fn) else (lambda images, labels, device: {})
+
+
+def load_model_from_checkpoint(module, path, device):
+    """(model with the checkpoint's G weights in eval mode on device, checkpoint dict)."""
+    ckpt = load_checkpoint(path)
+    model = make_user_model(module)
+    load_weights(model, ckpt["G"], path)
+    return model.to(device).eval().requires_grad_(False), ckpt
+
+
+def make_sampling_diffusion(model, ckpt, time_scale=1, clipped=False, device="cpu"):
+    """The diffusion of a checkpoint sampled with n_timesteps // time_scale steps (SPEC "Samplers")."""
+    n = int(ckpt["n_timesteps"])
+    if time_scale < 1 or n % time_scale:
+        raise UserError(f"--time_scale {time_scale} does not divide the model's {n} steps")
+    return make_diffusion(model, n // time_scale, ckpt["time_scale"] * time_scale, device=device,
+                          sampler="clipped" if clipped else "ddpm", time_labels=checkpoint_time_labels(ckpt))
+
+
+def image_noise(indices, shape, seed):
+    """The starting noise of images `indices`: image i always gets the same noise, whatever the batch."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                        for i in indices])

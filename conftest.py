@@ -1,0 +1,7 @@
+"""pytest: run from the repository root so the flat modules import as in the scripts."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
