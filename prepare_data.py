@@ -9,6 +9,7 @@ paths. Images are resized on the short side and centre-cropped (see lmdb_data.py
 import argparse
 import functools
 import os
+import shutil
 import sys
 from multiprocessing import Pool
 
@@ -116,19 +117,28 @@ def main(argv=None):
     encode = functools.partial(encode_file, sizes=args.size, resample=RESAMPLE[args.resample])
     written = skipped = 0
     paths = [os.path.join(args.path, name) for name in files]
-    with LMDBWriter(args.out) as writer:
-        results = encode_all(encode, paths, args.n_worker)
-        for name, (encoded, reason) in zip(paths, tqdm(results, total=len(paths), unit="img")):
-            if encoded is None:
-                tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
-                skipped += 1
-                continue
-            for size, data in zip(args.size, encoded):
-                writer.put(image_key(size, written), data)
-            written += 1
-        if written == 0:
-            fail(f"none of the {len(files)} images in {args.path} could be read", status=1)
-        writer.finish(written)
+    # Written beside --out and swapped in only when complete: an existing data set survives a failed run.
+    partial = os.path.normpath(args.out) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with LMDBWriter(partial) as writer:
+            results = encode_all(encode, paths, args.n_worker)
+            for name, (encoded, reason) in zip(paths, tqdm(results, total=len(paths), unit="img")):
+                if encoded is None:
+                    tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
+                    skipped += 1
+                    continue
+                for size, data in zip(args.size, encoded):
+                    writer.put(image_key(size, written), data)
+                written += 1
+            if written == 0:
+                fail(f"none of the {len(files)} images in {args.path} could be read", status=1)
+            writer.finish(written)
+        if os.path.isdir(args.out):
+            shutil.rmtree(args.out)
+        os.replace(partial, args.out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     sizes = ", ".join(map(str, args.size))
     print(f"wrote {written} images ({skipped} skipped) at sizes {sizes} to {args.out}")
 

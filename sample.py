@@ -20,6 +20,8 @@ from script_utils import (ArgumentParser, UserError, add_common_arguments, check
                           make_sampling_diffusion, positive_int, str2bool)
 from train_utils import AMP_DTYPES, RunContext, trajectory_grid
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
 
 def make_argument_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,8 +49,7 @@ def make_argument_parser():
 @main_guard
 def main(argv=None):
     args = make_argument_parser().parse_args(argv)
-    if not args.out_file and not args.out_npz:
-        raise UserError("nothing to write: give --out_file PATH.png and/or --out_npz PATH.npz")
+    check_outputs(args)
     ctx = RunContext(args)
     module = load_user_module(args.module)
     model, ckpt = load_model_from_checkpoint(module, args.checkpoint, ctx.device)
@@ -93,6 +94,24 @@ def main(argv=None):
             np.savez(args.out_npz, arr_0=arr, samples=samples.numpy().astype(np.float32))
             print(f"Wrote {samples.shape[0]} samples to {args.out_npz}")
     return finish(ctx, args)
+
+
+def check_outputs(args):
+    """Fail before sampling, not after, when the outputs cannot be written."""
+    if not args.out_file and not args.out_npz:
+        raise UserError("nothing to write: give --out_file PATH.png and/or --out_npz PATH.npz")
+    if args.out_file and os.path.splitext(args.out_file)[1].lower() not in IMAGE_EXTENSIONS:
+        raise UserError(f"--out_file {args.out_file} needs an image extension ({', '.join(IMAGE_EXTENSIONS)})")
+    if args.out_npz and not args.out_npz.endswith(".npz"):
+        raise UserError(f"--out_npz {args.out_npz} must end in .npz")
+    for path in (args.out_file, args.out_npz):
+        parent = os.path.dirname(os.path.abspath(path)) if path else ""
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if path and not os.path.isdir(parent):
+            raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
+        if path and os.path.isdir(path):
+            raise UserError(f"cannot write {path}: it is a folder")
 
 
 def gather_in_order(ctx, samples, total):

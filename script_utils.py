@@ -99,7 +99,9 @@ def load_user_module(name):
     except ModuleNotFoundError as e:
         if e.name == name or name.startswith(f"{e.name}."):
             raise UserError(f"no user module named {name!r} (a file {name}.py in the current folder or on PYTHONPATH)") from None
-        raise
+        raise UserError(f"user module {name!r} could not be imported: it needs {e.name!r}, which is not installed") from None
+    except SyntaxError as e:
+        raise UserError(f"user module {name!r} has a syntax error: {e.msg} ({e.filename}, line {e.lineno})") from None
     missing = [f for f in ("make_model", "make_dataset") if not callable(getattr(module, f, None))]
     if missing:
         raise UserError(f"user module {name!r} has no {' or '.join(missing)}(); it must define make_model() and make_dataset()")
@@ -132,13 +134,17 @@ def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint safely (weights_only: a file crafted to run code is refused, not run)."""
     if not path:
         raise UserError("no checkpoint given")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder; give the file inside it, e.g. {os.path.join(path, CHECKPOINT_NAME)}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise UserError(f"refusing to load {path}: it holds more than tensors and plain values ({first})") from None
+        if "Unsupported global" in str(e):
+            raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain values, "
+                            "which could run code when unpickled") from None
+        raise UserError(f"checkpoint {path} is truncated or not a PyTorch checkpoint (unpickling failed)") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict):

@@ -118,9 +118,10 @@ class RunContext:
 
     def all_max(self, values):
         """Element-wise max of a list of floats over all ranks."""
+        if not self.distributed:
+            return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
     def close(self):
@@ -149,6 +150,7 @@ def add_training_arguments(parser, *, lr, scheduler, num_iters, ema_decay):
     add("--ckpt_interval", type=float, default=30, help="minutes between checkpoints (fractions allowed)")
     add("--save_every", type=int, default=0, help="also save every N steps (0: by minutes only)")
     add("--keep_last", type=int, default=0, help="keep this many step-numbered checkpoints beside checkpoint.pt")
+    add("--stop_at", type=int, default=0, help="stop with a checkpoint at this step, the schedule still planned for --num_iters (0: off)")
     add("--max_bad_steps", type=positive_int, default=20, help="stop after this many non-finite losses in a row")
     add("--num_workers", type=int, default=-1, help="data loader workers (-1: 2 per image in the batch, at most 8)")
     add("--amp", default="no", choices=sorted(AMP_DTYPES), help="mixed precision for the network (schedule math stays float64)")
@@ -236,7 +238,7 @@ class Trainer:
         loss_fn(images, labels) -> (per-sample losses, per-sample noise level in [0, 1));
         sample_diffusion: the diffusion over `sampling_model` drawn for the TensorBoard grids
         (bgr=True: its images are BGR and are flipped for display).
-        Returns "done" or "stopped" (by a signal; a checkpoint was saved).
+        Returns "done" or "stopped" (by a signal or --stop_at, after saving a checkpoint).
         """
         args, ctx = self.args, self.ctx
         if self.step >= args.num_iters:
@@ -267,8 +269,8 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-                loss_value = loss.item()
-                grad_ok = math.isfinite(grad_norm.item()) or self.scaler.is_enabled()
+                loss_value, grad_value = torch.stack([loss.detach(), grad_norm.float()]).tolist()  # one device sync
+                grad_ok = math.isfinite(grad_value) or self.scaler.is_enabled()  # fp16 overflow: the scaler skips
                 bad, stop = ctx.all_max([float(not (math.isfinite(loss_value) and grad_ok)), float(self._stop_signal is not None)])
                 if bad:
                     self._skip_step()
@@ -278,7 +280,7 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update(self.model, self.step)
                     self.bad_steps = 0
-                    window.add(loss_value, grad_norm.item(), losses.detach(), levels)
+                    window.add(loss_value, grad_value, losses.detach(), levels)
                 self.step += 1
                 bar.update(1)
                 now = time.monotonic()
@@ -288,11 +290,12 @@ class Trainer:
                     self._log_samples(writer, sample_diffusion, bgr)
                     last_log = time.monotonic()
                 periodic = args.save_every > 0 and self.step % args.save_every == 0
+                stop = stop or self.step == args.stop_at
                 if stop or periodic or now - last_ckpt >= 60 * args.ckpt_interval or self.step == args.num_iters:
                     self.save()
                     last_ckpt = time.monotonic()
-                if stop:
-                    self._print(f"Stopped by a signal at step {self.step}; resume with --checkpoint_to_continue "
+                if stop and self.step < args.num_iters:
+                    self._print(f"Stopped at step {self.step}; resume with --checkpoint_to_continue "
                                 f"{os.path.join(self.checkpoint_dir, 'checkpoint.pt')}", bar=True)
                     return "stopped"
             return "done"
@@ -369,8 +372,8 @@ class Window:
         self.grad_norm += grad_norm
         self.images += losses.shape[0]
         quartile = (levels.to(losses.device).float() * 4).long().clamp(0, 3)
-        self.q_sum += torch.zeros(4, device=losses.device).index_add_(0, quartile, losses.float()).cpu()
-        self.q_count += torch.bincount(quartile.cpu(), minlength=4).float()
+        self.q_sum = self.q_sum.to(losses.device).index_add_(0, quartile, losses.float())
+        self.q_count = self.q_count.to(losses.device).index_add_(0, quartile, torch.ones_like(losses, dtype=torch.float32))
 
     def pop(self):
         stats = None
@@ -378,9 +381,9 @@ class Window:
             elapsed = time.monotonic() - self.start
             stats = {"loss": self.loss / self.n, "grad_norm": self.grad_norm / self.n,
                      "images_per_sec": self.images / max(elapsed, 1e-9)}
-            for q in range(4):
-                if self.q_count[q] > 0:
-                    stats[f"loss_by_noise_level/q{q}"] = (self.q_sum[q] / self.q_count[q]).item()
+            for q, (total, count) in enumerate(zip(self.q_sum.tolist(), self.q_count.tolist())):
+                if count > 0:
+                    stats[f"loss_by_noise_level/q{q}"] = total / count
         self.n, self.loss, self.grad_norm, self.images = 0, 0.0, 0.0, 0
         self.q_sum, self.q_count = torch.zeros(4), torch.zeros(4)
         self.start = time.monotonic()

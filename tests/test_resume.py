@@ -1,0 +1,157 @@
+"""Nothing lost: crash-safe checkpoints, exact resume, graceful stop and the non-finite guard."""
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import script_utils
+from conftest import ROOT, TESTS
+from script_utils import UserError, save_checkpoint
+
+TOY = ["--module", "toy_u", "--num_workers", "0", "--device", "cpu", "--batch_size", 16]
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_keep_last_checkpoints_and_checkpoint_pt_is_the_newest(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint({"step": step}, tmp_path, step=step, keep=2)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["checkpoint-00000004.pt", "checkpoint-00000005.pt", "checkpoint.pt"]
+    assert load(tmp_path / "checkpoint.pt")["step"] == 5
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    save_checkpoint({"step": 1, "x": torch.ones(3)}, tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial data")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(script_utils.torch, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
+        save_checkpoint({"step": 2}, tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(run, tmp_path):
+    """Kill training with SIGKILL at random moments; each time checkpoint.pt loads and the run resumes
+    from its step. bench/sigkill_soak.py does the same 20 times."""
+    rng = random.Random(0)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    ckpt = tmp_path / "checkpoints/toy/base/checkpoint.pt"
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--name", "toy", "--dname", "base", "--num_timesteps", 16,
+            "--num_iters", 100000, "--save_every", 3, "--keep_last", 2, *TOY]
+    for kill in range(int(os.environ.get("SIGKILL_ROUNDS", "5"))):
+        cmd = args + (["--checkpoint_to_continue", ckpt] if ckpt.exists() else [])
+        proc = subprocess.Popen([str(a) for a in cmd], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        started, deadline = time.time(), time.monotonic() + 60
+        while not (ckpt.exists() and ckpt.stat().st_mtime > started) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until this process has written a checkpoint of its own
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.kill()
+        output = proc.communicate()[0]
+        saved = load(ckpt)  # must load whatever the moment of the kill
+        assert saved["step"] > 0 and len(saved["G"]) > 0
+        if kill > 0:
+            assert "Continuing from" in output and f"at step {previous}" in output
+        previous = saved["step"]
+    result = run("train.py", "--name", "toy", "--dname", "base", "--num_timesteps", 16, "--num_iters", previous + 2,
+                 "--checkpoint_to_continue", ckpt, *TOY)
+    assert f"at step {previous}" in result.stdout
+    assert load(ckpt)["step"] == previous + 2
+
+
+@pytest.mark.parametrize("script", ["train.py", "distillate.py"])
+def test_resume_is_bit_exact(run, tmp_path, script):
+    extra = ["--num_timesteps", 16, "--ema_decay", 0.9] if script == "train.py" else []
+    if script == "distillate.py":
+        run("train.py", "--name", "toy", "--dname", "teacher", "--num_timesteps", 16, "--num_iters", 20, *TOY)
+        extra = ["--base_checkpoint", "checkpoints/toy/teacher/checkpoint.pt", "--ema_decay", 0.9]
+    common = [*extra, *TOY, "--name", "toy", "--num_iters", 20, "--seed", 3, "--scheduler", "linear", "--warmup", 3]
+    run(script, *common, "--dname", "whole")
+    run(script, *common, "--dname", "halves", "--stop_at", 10)
+    assert load(tmp_path / "checkpoints/toy/halves/checkpoint.pt")["step"] == 10
+    run(script, *common, "--dname", "halves", "--checkpoint_to_continue", "checkpoints/toy/halves/checkpoint.pt")
+    whole = load(tmp_path / "checkpoints/toy/whole/checkpoint.pt")
+    halves = load(tmp_path / "checkpoints/toy/halves/checkpoint.pt")
+    for key in ("G", "model", "optimizer", "scaler", "step"):
+        assert_same_tensors(whole[key], halves[key])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--name", "toy", "--dname", "base", "--num_timesteps", 16,
+           "--num_iters", 1000000, "--log_every", 1, *TOY]
+    proc = subprocess.Popen([str(a) for a in cmd], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    while not (tmp_path / "checkpoints/toy/base/tensorboard").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=30)[0]
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 0, output
+    assert "Stopped at step" in output and "Traceback" not in output
+    assert load(tmp_path / "checkpoints/toy/base/checkpoint.pt")["step"] > 0
+
+
+NAN_MODULE = """
+import torch
+from toy_u import make_model, Points
+
+class SomeNaN(Points):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return (x * float("nan") if i % {every} == 0 else x), y
+
+def make_dataset():
+    return SomeNaN()
+"""
+
+
+def test_non_finite_losses_are_skipped_and_counted(run, tmp_path):
+    (tmp_path / "nan_u.py").write_text(NAN_MODULE.format(every=50))
+    result = run("train.py", "--module", "nan_u", "--name", "nan", "--dname", "base", "--num_timesteps", 8,
+                 "--num_iters", 200, "--batch_size", 1, "--num_workers", 0, "--device", "cpu")
+    assert "non-finite loss or gradient, update skipped (1 in a row)" in result.stderr + result.stdout
+    saved = load(tmp_path / "checkpoints/nan/base/checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in saved["G"].values())
+
+
+def test_many_non_finite_losses_in_a_row_stop_the_run_with_a_clear_message(run, tmp_path):
+    (tmp_path / "nan_u.py").write_text(NAN_MODULE.format(every=1))
+    result = run("train.py", "--module", "nan_u", "--name", "nan", "--dname", "base", "--num_timesteps", 8,
+                 "--num_iters", 200, "--batch_size", 4, "--num_workers", 0, "--device", "cpu", "--max_bad_steps", 3,
+                 check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 3 non-finite losses in a row") and "Traceback" not in result.stderr
