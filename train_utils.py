@@ -178,13 +178,13 @@ class Trainer:
         model.to(ctx.device, memory_format=memory_format).train()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
-        self.ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
         self.step = 0
         self.bad_steps = 0
         net = torch.compile(model) if args.compile else model
-        if ctx.distributed:
+        if ctx.distributed:  # broadcasts rank 0's weights to every rank
             net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         self.net = net
+        self.ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None  # after the broadcast: equal on all ranks
         self._stop_signal = None
 
     @property
