@@ -1,0 +1,660 @@
+#!/usr/bin/env python
+"""Speed and memory of the project's real code paths for one configuration on one device.
+
+    python bench/bench.py --module digits_u --device cpu --batch_size 128 --json bench/out/digits_cpu.json
+    python bench/bench.py --module celeba_u --device cuda --batch_size 16 --amp bf16 --channels_last True \
+        --compile True --baseline bench/out/celeba_fp32.json --json bench/out/celeba_bf16.json
+
+Sections (--only, comma list; default all):
+  matmul    the device's measured dense matmul rate (best of several square products, fp32 and the AMP dtype)
+  flops     UNet forward and forward+backward FLOPs (FlopCounterMode, counted on the meta device, so
+            attention is counted as its plain matmuls whatever kernel runs), the bare network's time for
+            both and the achieved FLOP/s as a fraction of the measured matmul rate
+  train     one optimizer step of train.py: GaussianDiffusion.p_loss + backward + clipping + AdamW
+            (Trainer's set-up: channels_last, compile, grad_checkpoint, GradScaler), the EMA update timed apart
+  distill   one optimizer step of distillate.py: GaussianDiffusionDefault.distill_loss (teacher under
+            inference mode, two forwards) + student backward + AdamW; ratio to train at the same batch
+  sampler   time per step of p_sample_loop (ddpm and clipped) over the bare network call at the same batch
+  sampling  images/s of sampling at each stage (--stages, default N,8,4,1); stages too long to run within
+            --max_sampling_s are extrapolated from the measured per-step time and marked as estimates
+  memory    peak memory of train steps with and without --grad_checkpoint, each in a fresh subprocess
+            (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM, reset through
+            /proc/self/clear_refs just before the steps, so 'the steps' part' = peak - RSS before them)
+Batches are random tensors already on the device: data loading is not timed.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import distillate  # noqa: E402
+import train  # noqa: E402
+from diffusion import GaussianDiffusion, GaussianDiffusionDefault  # noqa: E402
+from script_utils import (UserError, extra_args_fn, load_user_module, make_diffusion, make_user_model,  # noqa: E402
+                          str2bool)
+from train_utils import LR_SCHEDULES, RunContext, Trainer, get_lr  # noqa: E402
+
+SECTIONS = ("matmul", "flops", "train", "distill", "sampler", "sampling", "memory")
+MEMORY_TAG = "BENCH_MEMORY_RESULT "
+# Goals of the issue "Speed and scale" that these numbers check.
+CPU_GOALS = {"fwd_bwd_of_matmul": 0.85, "distill_over_train": 1.70, "sampler_overhead": 0.03}
+GPU_GOALS = {"train_of_matmul": 0.40, "speedup_over_baseline": 3.0, "grad_checkpoint_peak": 0.5,
+             "distill_over_train": 1.75}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--module", "--config", dest="module", default="digits_u", help="user module, e.g. digits_u or celeba_u")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--batch_size", type=int, default=0, help="images per step (0: 128 for 8x8 models, 1 on CPU / 16 on CUDA otherwise)")
+    p.add_argument("--resolution", type=int, default=0, help="override the model's H = W (0: the module's image_size)")
+    p.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype for the network")
+    p.add_argument("--channels_last", type=str2bool, default=False)
+    p.add_argument("--compile", type=str2bool, default=False, help="torch.compile the network (slow to compile on CPU)")
+    p.add_argument("--iters", type=int, default=10, help="timed repetitions of each measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (compilation happens here)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    p.add_argument("--json", default="", help="write the machine, config and all numbers here")
+    p.add_argument("--num_timesteps", type=int, default=0, help="base model steps N (0: the module's BASE_NUM_STEPS or 1024)")
+    p.add_argument("--matmul_sizes", default="", help="square matmul sizes (default 1024,2048 on CPU, 4096,8192 on CUDA)")
+    p.add_argument("--matmul_reps", type=int, default=5, help="matmul timings; the best one counts")
+    p.add_argument("--sampler_steps", type=int, default=16, help="sampling steps per timed p_sample_loop in 'sampler'")
+    p.add_argument("--stages", default="", help="sampling steps of each stage for 'sampling' (default N,8,4,1)")
+    p.add_argument("--sampling_sampler", default="ddpm", choices=["ddpm", "clipped"], help="sampler of 'sampling'")
+    p.add_argument("--max_sampling_s", type=float, default=30.0, help="longer stages are extrapolated, not run")
+    p.add_argument("--memory_iters", type=int, default=3, help="train steps per setting in 'memory'")
+    p.add_argument("--baseline", default="", help="JSON of an earlier run (e.g. fp32 eager) to report speed-ups against")
+    p.add_argument("--_memory_child", type=str2bool, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+class Bench:
+    """The configuration of one run: device, module, model shape, AMP and its timing helpers."""
+
+    def __init__(self, args):
+        self.args = args
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        self.module = load_user_module(args.module)
+        probe = make_user_model(self.module)
+        _, c, h, w = probe.image_size
+        if args.resolution:
+            h = w = args.resolution
+        self.shape = [c, h, w]
+        self.n_params = sum(p.numel() for p in probe.parameters())
+        del probe
+        self.n = args.num_timesteps or int(getattr(self.module, "BASE_NUM_STEPS", 1024))
+        self.ctx = RunContext(args)  # chooses the device, sets TF32/cudnn.benchmark on CUDA as the scripts do
+        self.device = self.ctx.device
+        self.cuda = self.device.type == "cuda"
+        if args.batch_size <= 0:
+            args.batch_size = 128 if h * w <= 64 else (16 if self.cuda else 1)
+        self.batch = args.batch_size
+        self._flops = {}
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self._bare = None
+        if args.compile and not self.cuda and args._memory_child is None:
+            warnings.warn("--compile True on CPU: compilation takes minutes here; raise --warmup so it stays untimed")
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def images(self, batch=None):
+        x = torch.rand([batch or self.batch] + self.shape, device=self.device) * 2 - 1
+        return x.contiguous(memory_format=self.memory_format)
+
+    def timed(self, fn, iters=None, warmup=None):
+        """Median, min and mean seconds of fn() over `iters` runs after `warmup` untimed ones."""
+        iters = self.args.iters if iters is None else iters
+        warmup = self.args.warmup if warmup is None else warmup
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(max(1, iters)):
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return {"median_s": statistics.median(times), "min_s": min(times), "mean_s": statistics.fmean(times),
+                "n": len(times)}
+
+    def bare_model(self):
+        """(model in eval mode without gradients, the callable: compiled where asked), built once."""
+        if self._bare is None:
+            model = make_user_model(self.module).to(self.device, memory_format=self.memory_format)
+            model.eval().requires_grad_(False)
+            self._bare = (model, torch.compile(model) if self.args.compile else model)
+        return self._bare
+
+    def compute_dtype(self):
+        return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.args.amp]
+
+    def script_args(self, script, grad_checkpoint=False):
+        """The argument namespace of train.py / distillate.py for this configuration (their own defaults)."""
+        a = self.args
+        argv = ["--module", a.module, "--name", "bench", "--dname", "bench", "--device", str(self.device),
+                "--batch_size", str(self.batch), "--amp", a.amp, "--channels_last", str(a.channels_last),
+                "--compile", str(a.compile), "--grad_checkpoint", str(grad_checkpoint), "--num_iters", "1000000"]
+        if script is distillate:
+            argv += ["--base_checkpoint", "unused.pt"]
+        else:
+            argv += ["--num_timesteps", str(self.n)]
+        return script.make_argument_parser().parse_args(argv)
+
+
+def optimizer_step(trainer, loss_fn, images, step, ema=False):
+    """One iteration of Trainer.fit's loop (train_utils.py), without data loading, logging or checkpoints."""
+    args, ctx = trainer.args, trainer.ctx
+    lr = get_lr(step, args.lr, args.num_iters, LR_SCHEDULES[args.scheduler], args.warmup)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    with ctx.autocast():
+        losses, levels = loss_fn(images, None)
+    loss = losses.float().mean()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scaler.scale(loss).backward()
+    trainer.scaler.unscale_(trainer.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainer.model.parameters()),
+                                               args.grad_clip if args.grad_clip > 0 else float("inf"))
+    loss_value, grad_value = torch.stack([loss.detach(), grad_norm.float()]).tolist()  # the loop's one sync
+    if math.isfinite(loss_value) and (math.isfinite(grad_value) or trainer.scaler.is_enabled()):
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+        if ema and trainer.ema is not None:
+            trainer.ema.update(trainer.model, step)
+    return loss_value
+
+
+def make_train(b, grad_checkpoint=False):
+    """(trainer, loss_fn) exactly as train.py builds them."""
+    args = b.script_args(train, grad_checkpoint)
+    trainer = Trainer(args, b.ctx, make_user_model(b.module), os.path.join("checkpoints", "bench"), {})
+    diffusion = make_diffusion(trainer.net, b.n, 1, GaussianDiffusion, b.device)
+    extra_args = extra_args_fn(b.module)
+
+    def loss_fn(images, labels):
+        t = torch.randint(0, b.n, (images.shape[0],), device=b.device)
+        return diffusion.p_loss(images, t, extra_args(images, labels, b.device), reduction="none"), t / b.n
+
+    return trainer, loss_fn
+
+
+def make_distill(b):
+    """(trainer, loss_fn, teacher_diffusion, student_diffusion) as distillate.py builds them (teacher eager)."""
+    args = b.script_args(distillate)
+    teacher = make_user_model(b.module)
+    teacher.to(b.device).eval().requires_grad_(False)
+    if args.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    student = make_user_model(b.module)
+    student.load_state_dict(teacher.state_dict())
+    trainer = Trainer(args, b.ctx, student, os.path.join("checkpoints", "bench"), {})
+    n = b.n
+    teacher_diffusion = make_diffusion(teacher, n, 1, GaussianDiffusionDefault, b.device, time_labels="aligned",
+                                       weighting=args.weighting, gamma=args.gamma)
+    student_diffusion = make_diffusion(trainer.net, n // 2, 2, GaussianDiffusion, b.device)
+    extra_args = extra_args_fn(b.module)
+
+    def loss_fn(images, labels):
+        t = 2 * torch.randint(0, n // 2, (images.shape[0],), device=b.device)
+        losses = teacher_diffusion.distill_loss(student_diffusion, images, t, extra_args(images, labels, b.device),
+                                                reduction="none")
+        return losses, t / n
+
+    return trainer, loss_fn, teacher_diffusion, extra_args
+
+
+def peak_cuda(b, reset=False):
+    if not b.cuda:
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats(b.device)
+        return None
+    return torch.cuda.max_memory_allocated(b.device)
+
+
+# -- sections --------------------------------------------------------------------------------
+
+def bench_matmul(b, results):
+    """Best-of-N rate of a square matmul, in fp32 (as the device runs it: TF32 where allowed) and the AMP dtype."""
+    sizes = [int(s) for s in (b.args.matmul_sizes or ("4096,8192" if b.cuda else "1024,2048")).split(",")]
+    dtypes = [torch.float32] + ([b.compute_dtype()] if b.args.amp != "no" else [])
+    out = {"tf32_allowed": bool(torch.backends.cuda.matmul.allow_tf32) if b.cuda else None}
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        rows = {}
+        for n in sizes:
+            x = torch.randn(n, n, device=b.device, dtype=dtype)
+            y = torch.randn(n, n, device=b.device, dtype=dtype)
+            reps = 10 if b.cuda else 1  # products per timing (GPU launches are asynchronous)
+
+            def run():
+                for _ in range(reps):
+                    torch.mm(x, y)
+
+            t = b.timed(run, iters=b.args.matmul_reps, warmup=1)
+            rows[str(n)] = 2 * n ** 3 * reps / t["min_s"]
+            print(f"  matmul {name} {n}x{n}: {rows[str(n)] / 1e9:,.1f} GFLOP/s (best of {t['n']})")
+            del x, y
+        out[name] = {"by_size_flops": rows, "best_flops": max(rows.values())}
+    results["matmul"] = out
+
+
+def matmul_rate(b, results, dtype=None):
+    if "matmul" not in results:
+        bench_matmul(b, results)
+    name = str(dtype or b.compute_dtype()).replace("torch.", "")
+    return results["matmul"][name]["best_flops"]
+
+
+def count_flops(b, batch):
+    """(forward, forward+backward) FLOPs of the network at `batch`, counted on the meta device."""
+    if batch not in b._flops:
+        b._flops[batch] = _count_flops(b, batch)
+    return b._flops[batch]
+
+
+def _count_flops(b, batch):
+    model = make_user_model(b.module).to("meta").train()
+    x = torch.empty([batch] + b.shape, device="meta")
+    t = torch.zeros(batch, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            model(x, t)
+    fwd = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        model(x, t).float().square().mean().backward()
+    return fwd, counter.get_total_flops()
+
+
+def bench_flops(b, results):
+    fwd, fwd_bwd = count_flops(b, b.batch)
+    rate = matmul_rate(b, results)
+    model, net = b.bare_model()
+    x = b.images()
+    label = torch.full((b.batch,), b.n / 2, device=b.device)
+
+    def forward():
+        with torch.no_grad(), b.ctx.autocast():
+            net(x, label)
+
+    train_model = make_user_model(b.module).to(b.device, memory_format=b.memory_format).train()
+    train_net = torch.compile(train_model) if b.args.compile else train_model
+
+    def forward_backward():
+        train_model.zero_grad(set_to_none=True)
+        with b.ctx.autocast():
+            out = train_net(x, label)
+        out.float().square().mean().backward()
+
+    t_fwd = b.timed(forward)
+    t_fb = b.timed(forward_backward)
+    del train_model, train_net
+    out = {"forward_flops": fwd, "forward_backward_flops": fwd_bwd, "params": b.n_params,
+           "reference_matmul_flops": rate, "forward": t_fwd, "forward_backward": t_fb,
+           "forward_achieved_flops": fwd / t_fwd["median_s"], "forward_backward_achieved_flops": fwd_bwd / t_fb["median_s"]}
+    out["forward_of_matmul"] = out["forward_achieved_flops"] / rate
+    out["forward_backward_of_matmul"] = out["forward_backward_achieved_flops"] / rate
+    results["flops"] = out
+    print(f"  {b.n_params / 1e6:.2f} M parameters; per batch of {b.batch}: forward {fwd / 1e9:,.2f} GFLOP, "
+          f"forward+backward {fwd_bwd / 1e9:,.2f} GFLOP")
+    print(f"  forward (no grad)   {t_fwd['median_s'] * 1e3:9.2f} ms  {out['forward_achieved_flops'] / 1e9:,.1f} GFLOP/s "
+          f"= {out['forward_of_matmul']:.1%} of the matmul rate")
+    print(f"  forward+backward    {t_fb['median_s'] * 1e3:9.2f} ms  {out['forward_backward_achieved_flops'] / 1e9:,.1f} GFLOP/s "
+          f"= {out['forward_backward_of_matmul']:.1%} of the matmul rate ({rate / 1e9:,.1f} GFLOP/s)")
+
+
+def bench_train(b, results):
+    trainer, loss_fn = make_train(b)
+    x = b.images()
+    step = [0]
+
+    def run(ema=False):
+        optimizer_step(trainer, loss_fn, x, step[0], ema=ema)
+        step[0] += 1
+
+    peak_cuda(b, reset=True)
+    t = b.timed(run)
+    peak = peak_cuda(b)
+    t_ema = b.timed(lambda: trainer.ema.update(trainer.model, step[0])) if trainer.ema is not None else None
+    out = {"iteration": t, "images_per_s": b.batch / t["median_s"], "ema_update": t_ema,
+           "train_py_iteration_s": t["median_s"] + (t_ema["median_s"] if t_ema else 0.0), "peak_allocated_bytes": peak}
+    fwd_bwd = count_flops(b, b.batch)[1]
+    out["achieved_flops"] = fwd_bwd / t["median_s"]
+    out["of_matmul"] = out["achieved_flops"] / matmul_rate(b, results)
+    results["train"] = out
+    ema_text = f"; EMA update {t_ema['median_s'] * 1e3:.2f} ms (train.py's default ema_decay)" if t_ema else ""
+    print(f"  p_loss + backward + clip + AdamW: {t['median_s'] * 1e3:9.2f} ms/iter (min {t['min_s'] * 1e3:.2f}), "
+          f"{out['images_per_s']:,.1f} images/s, {out['achieved_flops'] / 1e9:,.1f} GFLOP/s "
+          f"= {out['of_matmul']:.1%} of the matmul rate{ema_text}")
+    if peak:
+        print(f"  peak allocated {peak / 2 ** 30:.2f} GiB")
+    del trainer
+
+
+def bench_distill(b, results):
+    trainer, loss_fn, teacher_diffusion, extra_args = make_distill(b)
+    x = b.images()
+    step = [0]
+
+    def run():
+        optimizer_step(trainer, loss_fn, x, step[0])
+        step[0] += 1
+
+    peak_cuda(b, reset=True)
+    t = b.timed(run)
+    peak = peak_cuda(b)
+    t_idx = 2 * torch.randint(0, b.n // 2, (b.batch,), device=b.device)
+    eps = torch.randn_like(x, dtype=torch.float64)
+
+    def teacher_only():
+        with b.ctx.autocast():
+            teacher_diffusion.distill_inputs(x.double(), t_idx, extra_args(x, None, b.device), eps)
+
+    t_teacher = b.timed(teacher_only)
+    out = {"iteration": t, "images_per_s": b.batch / t["median_s"], "teacher_target": t_teacher,
+           "peak_allocated_bytes": peak}
+    fwd, fwd_bwd = count_flops(b, b.batch)
+    out["achieved_flops"] = (2 * fwd + fwd_bwd) / t["median_s"]
+    if "train" in results:
+        out["over_train"] = t["median_s"] / results["train"]["iteration"]["median_s"]
+        out["floor_over_train"] = (2 * fwd + fwd_bwd) / fwd_bwd
+    results["distill"] = out
+    print(f"  distill_loss + backward + clip + AdamW: {t['median_s'] * 1e3:9.2f} ms/iter (min {t['min_s'] * 1e3:.2f}), "
+          f"{out['images_per_s']:,.1f} images/s; the teacher's two forwards alone {t_teacher['median_s'] * 1e3:.2f} ms")
+    if "over_train" in out:
+        print(f"  distillation / training iteration time: {out['over_train']:.3f} "
+              f"(FLOP floor {out['floor_over_train']:.3f})")
+    if peak:
+        print(f"  peak allocated {peak / 2 ** 30:.2f} GiB")
+    del trainer
+
+
+def bench_sampler(b, results):
+    """p_sample_loop over K steps against K bare network calls, alternating, median of --iters pairs each."""
+    model, net = b.bare_model()
+    k = b.args.sampler_steps
+    x = torch.randn([b.batch] + b.shape, device=b.device).contiguous(memory_format=b.memory_format)
+    label = torch.full((b.batch,), float(b.n - 1), device=b.device)
+    extra = extra_args_fn(b.module)(None, None, b.device)
+
+    def bare():
+        with torch.no_grad(), b.ctx.autocast():
+            for _ in range(k):
+                net(x, label, **extra)
+
+    out = {"steps": k}
+    for sampler in ("ddpm", "clipped"):
+        diffusion = make_diffusion(net, k, 1, device=b.device, sampler=sampler)
+
+        def loop():
+            with b.ctx.autocast():
+                diffusion.p_sample_loop(x, extra_args=extra)
+
+        for _ in range(b.args.warmup):
+            bare()
+            loop()
+        t_bare, t_loop = [], []
+        for _ in range(max(1, b.args.iters)):
+            t_bare.append(b.timed(bare, iters=1, warmup=0)["median_s"])
+            t_loop.append(b.timed(loop, iters=1, warmup=0)["median_s"])
+        net_s, step_s = statistics.median(t_bare) / k, statistics.median(t_loop) / k
+        out[sampler] = {"network_s_per_step": net_s, "sampler_s_per_step": step_s, "overhead": step_s / net_s - 1}
+        print(f"  {sampler:8s} {step_s * 1e3:9.3f} ms/step vs bare network {net_s * 1e3:9.3f} ms: "
+              f"overhead {out[sampler]['overhead']:+.2%}")
+    results["sampler"] = out
+
+
+def bench_sampling(b, results):
+    model, net = b.bare_model()
+    stages = [int(s) for s in (b.args.stages or f"{b.n},8,4,1").split(",")]
+    x = torch.randn([b.batch] + b.shape, device=b.device).contiguous(memory_format=b.memory_format)
+    extra = extra_args_fn(b.module)(None, None, b.device)
+    per_step = None
+    out = {"sampler": b.args.sampling_sampler, "batch": b.batch, "stages": {}}
+    for n in sorted(stages):  # shortest first: their per-step time predicts the long ones
+        diffusion = make_diffusion(net, n, max(1, b.n // n), device=b.device, sampler=b.args.sampling_sampler)
+
+        def loop():
+            with b.ctx.autocast():
+                diffusion.p_sample_loop(x, extra_args=extra)
+
+        estimate = per_step * n if per_step is not None else None
+        if estimate is None or estimate * (b.args.iters + 1) <= b.args.max_sampling_s:
+            t = b.timed(loop, iters=b.args.iters, warmup=b.args.warmup if estimate is None else 1)
+            seconds, measured = t["median_s"], True
+            per_step = seconds / n
+        else:
+            seconds, measured = estimate, False
+        out["stages"][str(n)] = {"seconds_per_batch": seconds, "images_per_s": b.batch / seconds, "measured": measured}
+    for n in stages:
+        row = out["stages"][str(n)]
+        print(f"  {n:5d} steps: {row['images_per_s']:12,.2f} images/s ({row['seconds_per_batch']:.4g} s per batch of "
+              f"{b.batch}){'' if row['measured'] else '  [estimated from the per-step time]'}")
+    results["sampling"] = out
+
+
+def rss_bytes(field):
+    """VmRSS (now) or VmHWM (peak) of this process from /proc/self/status, in bytes (None if unreadable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss():
+    """Reset this process's peak RSS to its current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    now, peak = rss_bytes("VmRSS"), rss_bytes("VmHWM")
+    return now is not None and peak is not None and peak <= now * 1.05 + (16 << 20)
+
+
+def memory_child(b):
+    """In a fresh process: peak memory of --memory_iters train steps with the given grad_checkpoint setting."""
+    gc = b.args._memory_child
+    trainer, loss_fn = make_train(b, grad_checkpoint=gc)
+    x = b.images()
+    # Allocate AdamW's state and one set of gradients before the baseline, so that the difference below is
+    # what the steps themselves need (activations, their gradients, temporaries).
+    for p in trainer.model.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    b.sync()
+    if b.cuda:
+        torch.cuda.reset_peak_memory_stats(b.device)
+        base = torch.cuda.memory_allocated(b.device)
+        what = "torch.cuda.max_memory_allocated"
+    else:
+        reset = reset_peak_rss()
+        base = rss_bytes("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        what = ("peak RSS (VmHWM, reset before the steps)" if reset else
+                "peak RSS (ru_maxrss; could not reset it, so the steps' part is a lower bound)")
+    start = time.perf_counter()
+    for step in range(b.args.memory_iters):
+        optimizer_step(trainer, loss_fn, x, step)
+    b.sync()
+    seconds = (time.perf_counter() - start) / b.args.memory_iters
+    if b.cuda:
+        peak = torch.cuda.max_memory_allocated(b.device)
+    else:
+        peak = rss_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(MEMORY_TAG + json.dumps({"grad_checkpoint": gc, "peak_bytes": peak, "before_steps_bytes": base,
+                                   "step_bytes": peak - base, "measure": what, "s_per_step": seconds}))
+
+
+def bench_memory(b, results):
+    a = b.args
+    out = {}
+    for gc in (False, True):
+        cmd = [sys.executable, os.path.abspath(__file__), "--module", a.module, "--device", str(b.device),
+               "--batch_size", str(b.batch), "--amp", a.amp, "--channels_last", str(a.channels_last),
+               "--compile", str(a.compile), "--threads", str(a.threads), "--resolution", str(b.shape[1]),
+               "--num_timesteps", str(b.n), "--memory_iters", str(a.memory_iters), "--_memory_child", str(gc)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.getcwd())
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(MEMORY_TAG)]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"memory subprocess (grad_checkpoint={gc}) failed ({proc.returncode}):\n"
+                               f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        row = json.loads(lines[-1][len(MEMORY_TAG):])
+        out["with_grad_checkpoint" if gc else "without_grad_checkpoint"] = row
+        print(f"  grad_checkpoint {str(gc):5s}: peak {row['peak_bytes'] / 2 ** 20:10,.1f} MiB, of which the steps "
+              f"{row['step_bytes'] / 2 ** 20:10,.1f} MiB ({row['measure']}); {row['s_per_step'] * 1e3:.1f} ms/step")
+    off, on = out["without_grad_checkpoint"], out["with_grad_checkpoint"]
+    out["peak_ratio"] = on["peak_bytes"] / off["peak_bytes"]
+    out["step_ratio"] = on["step_bytes"] / max(1, off["step_bytes"])
+    out["time_ratio"] = on["s_per_step"] / off["s_per_step"]
+    print(f"  with / without: peak {out['peak_ratio']:.3f}, the steps' own memory {out['step_ratio']:.3f}, "
+          f"time per step {out['time_ratio']:.2f} (from {a.memory_iters} steps, first included)")
+    results["memory"] = out
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def machine_info(b):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(b.device) if b.cuda else None,
+            "cuda": torch.version.cuda if b.cuda else None}
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def goal_checks(b, results, baseline):
+    """(name, value, threshold, passed) for the goals of the issue that this run's numbers speak to."""
+    checks = []
+
+    def add(name, value, limit, at_least):
+        checks.append({"goal": name, "value": value, "threshold": limit,
+                       "passed": value >= limit if at_least else value <= limit})
+
+    if not b.cuda:
+        if "flops" in results:
+            add(f"UNet forward+backward / {b.compute_dtype()} matmul rate >= 0.85", results["flops"]["forward_backward_of_matmul"],
+                CPU_GOALS["fwd_bwd_of_matmul"], True)
+        if "over_train" in results.get("distill", {}):
+            add("distillation / training iteration <= 1.70", results["distill"]["over_train"], CPU_GOALS["distill_over_train"], False)
+        for sampler in ("ddpm", "clipped"):
+            if sampler in results.get("sampler", {}):
+                add(f"{sampler} sampler overhead <= 3%", results["sampler"][sampler]["overhead"], CPU_GOALS["sampler_overhead"], False)
+    else:
+        if "of_matmul" in results.get("train", {}):
+            add(f"training step / {b.compute_dtype()} matmul rate >= 0.40", results["train"]["of_matmul"],
+                GPU_GOALS["train_of_matmul"], True)
+        if baseline and "train" in results and "train" in baseline.get("results", {}):
+            add("training images/s / baseline >= 3", results["train"]["images_per_s"] / baseline["results"]["train"]["images_per_s"],
+                GPU_GOALS["speedup_over_baseline"], True)
+        if "memory" in results:
+            add("peak memory with / without grad_checkpoint <= 0.5", results["memory"]["peak_ratio"],
+                GPU_GOALS["grad_checkpoint_peak"], False)
+        if "over_train" in results.get("distill", {}):
+            add("distillation / training iteration <= 1.75", results["distill"]["over_train"], GPU_GOALS["distill_over_train"], False)
+    return checks
+
+
+def compare(results, baseline):
+    """Speed-ups of this run over a baseline run's JSON (same batch expected)."""
+    base = baseline.get("results", {})
+    rows = {}
+    for section in ("train", "distill"):
+        if section in results and section in base:
+            rows[f"{section}_images_per_s"] = results[section]["images_per_s"] / base[section]["images_per_s"]
+    for n, row in results.get("sampling", {}).get("stages", {}).items():
+        other = base.get("sampling", {}).get("stages", {}).get(n)
+        if other:
+            rows[f"sampling_{n}_steps_images_per_s"] = row["images_per_s"] / other["images_per_s"]
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        b = Bench(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    if args._memory_child is not None:
+        return memory_child(b)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"error: unknown section(s) {', '.join(unknown)}; choose from {','.join(SECTIONS)}")
+    baseline = None
+    if args.baseline:
+        with open(args.baseline) as f:
+            baseline = json.load(f)
+    machine = machine_info(b)
+    config = {"module": args.module, "device": str(b.device), "image_shape": b.shape, "batch_size": b.batch,
+              "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "num_timesteps": b.n,
+              "iters": args.iters, "warmup": args.warmup, "threads": torch.get_num_threads(), "params": b.n_params}
+    print(f"bench: {args.module} {'x'.join(map(str, b.shape))}, batch {b.batch}, on {machine['gpu'] or machine['cpu']} "
+          f"({machine['torch_threads']} threads), torch {machine['torch']}, amp {args.amp}, channels_last "
+          f"{args.channels_last}, compile {args.compile}; median of {args.iters} after {args.warmup} warm-up")
+    results = {}
+    functions = {"matmul": bench_matmul, "flops": bench_flops, "train": bench_train, "distill": bench_distill,
+                 "sampler": bench_sampler, "sampling": bench_sampling, "memory": bench_memory}
+    for section in SECTIONS:
+        if section in only:
+            print(f"[{section}]")
+            start = time.perf_counter()
+            functions[section](b, results)
+            results[section]["section_wall_s"] = time.perf_counter() - start
+    checks = goal_checks(b, results, baseline)
+    speedups = compare(results, baseline) if baseline else {}
+    if speedups:
+        print(f"[speed-up over {args.baseline}]")
+        for key, value in speedups.items():
+            print(f"  {key}: {value:.2f}x")
+    if checks:
+        print("[goals]")
+        for c in checks:
+            print(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['goal']}: {c['value']:.4g}")
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine, "config": config, "command": [os.path.relpath(__file__, ROOT)] + sys.argv[1:],
+              "results": results, "goals": checks, "speedups": speedups, "baseline": args.baseline or None}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
