@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,16 @@ def get_lr(step, base_lr, total_steps, schedule="constant", warmup=0):
             return base_lr * (0.04 + 0.96 * progress / 0.3)
         return base_lr * 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7))
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+class StepResult(NamedTuple):
+    lr: float
+    loss: float
+    grad_norm: float
+    losses: torch.Tensor  # per sample
+    levels: torch.Tensor  # per-sample noise level in [0, 1)
+    skipped: bool  # non-finite loss or gradient: no update
+    stop: bool  # a stop signal reached this (or any) rank
 
 
 class EMA:
@@ -259,38 +270,19 @@ class Trainer:
                 images = images.to(ctx.device, non_blocking=True)
                 if args.channels_last and images.ndim == 4:
                     images = images.contiguous(memory_format=torch.channels_last)
-                lr = get_lr(self.step, args.lr, args.num_iters, LR_SCHEDULES[args.scheduler], args.warmup)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                with ctx.autocast():
-                    losses, levels = loss_fn(images, labels)
-                loss = losses.float().mean()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-                loss_value, grad_value = torch.stack([loss.detach(), grad_norm.float()]).tolist()  # one device sync
-                grad_ok = math.isfinite(grad_value) or self.scaler.is_enabled()  # fp16 overflow: the scaler skips
-                bad, stop = ctx.all_max([float(not (math.isfinite(loss_value) and grad_ok)), float(self._stop_signal is not None)])
-                if bad:
-                    self._skip_step()
-                else:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    if self.ema is not None:
-                        self.ema.update(self.model, self.step)
-                    self.bad_steps = 0
-                    window.add(loss_value, grad_value, losses.detach(), levels)
+                result = self.train_step(images, labels, loss_fn, params)
+                if not result.skipped:
+                    window.add(result)
                 self.step += 1
                 bar.update(1)
                 now = time.monotonic()
                 if self.step % args.log_every == 0 or self.step == args.num_iters:
-                    self._log_scalars(writer, window, lr)
+                    self._log_scalars(writer, window, result.lr)
                 if ctx.is_main and (now - last_log >= 60 * args.log_interval or self.step == args.num_iters):
                     self._log_samples(writer, sample_diffusion, bgr)
                     last_log = time.monotonic()
                 periodic = args.save_every > 0 and self.step % args.save_every == 0
-                stop = stop or self.step == args.stop_at
+                stop = result.stop or self.step == args.stop_at
                 if stop or periodic or now - last_ckpt >= 60 * args.ckpt_interval or self.step == args.num_iters:
                     self.save()
                     last_ckpt = time.monotonic()
@@ -304,6 +296,34 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+
+    def train_step(self, images, labels, loss_fn, params=None):
+        """One optimizer step at self.step (without advancing it): learning rate, forward under autocast,
+        backward, clipping, the non-finite guard, AdamW and EMA."""
+        args, ctx = self.args, self.ctx
+        params = list(self.model.parameters()) if params is None else params
+        lr = get_lr(self.step, args.lr, args.num_iters, LR_SCHEDULES[args.scheduler], args.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with ctx.autocast():
+            losses, levels = loss_fn(images, labels)
+        loss = losses.float().mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        loss_value, grad_value = torch.stack([loss.detach(), grad_norm.float()]).tolist()  # one device sync
+        grad_ok = math.isfinite(grad_value) or self.scaler.is_enabled()  # fp16 overflow: the scaler skips
+        bad, stop = ctx.all_max([float(not (math.isfinite(loss_value) and grad_ok)), float(self._stop_signal is not None)])
+        if bad:
+            self._skip_step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model, self.step)
+            self.bad_steps = 0
+        return StepResult(lr, loss_value, grad_value, losses.detach(), levels, bool(bad), bool(stop))
 
     def _skip_step(self):
         """A non-finite loss or gradient: drop the update, count it, stop after too many in a row."""
@@ -366,10 +386,11 @@ class Window:
     def __init__(self):
         self.pop()
 
-    def add(self, loss, grad_norm, losses, levels):
+    def add(self, result):
+        losses, levels = result.losses, result.levels
         self.n += 1
-        self.loss += loss
-        self.grad_norm += grad_norm
+        self.loss += result.loss
+        self.grad_norm += result.grad_norm
         self.images += losses.shape[0]
         quartile = (levels.to(losses.device).float() * 4).long().clamp(0, 3)
         self.q_sum = self.q_sum.to(losses.device).index_add_(0, quartile, losses.float())

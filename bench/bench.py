@@ -47,7 +47,7 @@ import train  # noqa: E402
 from diffusion import GaussianDiffusion, GaussianDiffusionDefault  # noqa: E402
 from script_utils import (UserError, extra_args_fn, load_user_module, make_diffusion, make_user_model,  # noqa: E402
                           str2bool)
-from train_utils import LR_SCHEDULES, RunContext, Trainer, get_lr  # noqa: E402
+from train_utils import RunContext, Trainer  # noqa: E402
 
 SECTIONS = ("matmul", "flops", "train", "distill", "sampler", "sampling", "memory")
 MEMORY_TAG = "BENCH_MEMORY_RESULT "
@@ -76,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--matmul_sizes", default="", help="square matmul sizes (default 1024,2048 on CPU, 4096,8192 on CUDA)")
     p.add_argument("--matmul_reps", type=int, default=5, help="matmul timings; the best one counts")
     p.add_argument("--sampler_steps", type=int, default=16, help="sampling steps per timed p_sample_loop in 'sampler'")
+    p.add_argument("--sampler_reps", type=int, default=0, help="timed (network, sampler) pairs in 'sampler' (0: --iters)")
     p.add_argument("--stages", default="", help="sampling steps of each stage for 'sampling' (default N,8,4,1)")
     p.add_argument("--sampling_sampler", default="ddpm", choices=["ddpm", "clipped"], help="sampler of 'sampling'")
     p.add_argument("--max_sampling_s", type=float, default=30.0, help="longer stages are extrapolated, not run")
@@ -164,26 +165,14 @@ class Bench:
 
 
 def optimizer_step(trainer, loss_fn, images, step, ema=False):
-    """One iteration of Trainer.fit's loop (train_utils.py), without data loading, logging or checkpoints."""
-    args, ctx = trainer.args, trainer.ctx
-    lr = get_lr(step, args.lr, args.num_iters, LR_SCHEDULES[args.scheduler], args.warmup)
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = lr
-    with ctx.autocast():
-        losses, levels = loss_fn(images, None)
-    loss = losses.float().mean()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.scaler.scale(loss).backward()
-    trainer.scaler.unscale_(trainer.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainer.model.parameters()),
-                                               args.grad_clip if args.grad_clip > 0 else float("inf"))
-    loss_value, grad_value = torch.stack([loss.detach(), grad_norm.float()]).tolist()  # the loop's one sync
-    if math.isfinite(loss_value) and (math.isfinite(grad_value) or trainer.scaler.is_enabled()):
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        if ema and trainer.ema is not None:
-            trainer.ema.update(trainer.model, step)
-    return loss_value
+    """One iteration of Trainer.fit's loop (Trainer.train_step), without data loading, logging or checkpoints.
+    ema=False leaves the EMA out of the timed step (it is timed on its own)."""
+    trainer.step = step
+    kept, trainer.ema = trainer.ema, (trainer.ema if ema else None)
+    try:
+        return trainer.train_step(images, None, loss_fn).loss
+    finally:
+        trainer.ema = kept
 
 
 def make_train(b, grad_checkpoint=False):
@@ -392,7 +381,7 @@ def bench_distill(b, results):
 
 
 def bench_sampler(b, results):
-    """p_sample_loop over K steps against K bare network calls, alternating, median of --iters pairs each."""
+    """p_sample_loop over K steps against K bare network calls, alternating, median of --sampler_reps pairs."""
     model, net = b.bare_model()
     k = b.args.sampler_steps
     x = torch.randn([b.batch] + b.shape, device=b.device).contiguous(memory_format=b.memory_format)
@@ -416,7 +405,7 @@ def bench_sampler(b, results):
             bare()
             loop()
         t_bare, t_loop = [], []
-        for _ in range(max(1, b.args.iters)):
+        for _ in range(max(1, b.args.sampler_reps or b.args.iters)):
             t_bare.append(b.timed(bare, iters=1, warmup=0)["median_s"])
             t_loop.append(b.timed(loop, iters=1, warmup=0)["median_s"])
         net_s, step_s = statistics.median(t_bare) / k, statistics.median(t_loop) / k
@@ -441,13 +430,16 @@ def bench_sampling(b, results):
                 diffusion.p_sample_loop(x, extra_args=extra)
 
         estimate = per_step * n if per_step is not None else None
-        if estimate is None or estimate * (b.args.iters + 1) <= b.args.max_sampling_s:
-            t = b.timed(loop, iters=b.args.iters, warmup=b.args.warmup if estimate is None else 1)
+        # As many timed runs (after one warm-up) as fit in --max_sampling_s, at most --iters; none: extrapolate.
+        reps = b.args.iters if estimate is None else min(b.args.iters, int(b.args.max_sampling_s / estimate) - 1)
+        if reps >= 1:
+            t = b.timed(loop, iters=reps, warmup=b.args.warmup if estimate is None else 1)
             seconds, measured = t["median_s"], True
             per_step = seconds / n
         else:
-            seconds, measured = estimate, False
-        out["stages"][str(n)] = {"seconds_per_batch": seconds, "images_per_s": b.batch / seconds, "measured": measured}
+            seconds, measured, reps = estimate, False, 0
+        out["stages"][str(n)] = {"seconds_per_batch": seconds, "images_per_s": b.batch / seconds, "measured": measured,
+                                 "timed_runs": reps}
     for n in stages:
         row = out["stages"][str(n)]
         print(f"  {n:5d} steps: {row['images_per_s']:12,.2f} images/s ({row['seconds_per_batch']:.4g} s per batch of "
@@ -568,7 +560,7 @@ def goal_checks(b, results, baseline):
 
     if not b.cuda:
         if "flops" in results:
-            add(f"UNet forward+backward / {b.compute_dtype()} matmul rate >= 0.85", results["flops"]["forward_backward_of_matmul"],
+            add(f"UNet forward+backward / {str(b.compute_dtype())[6:]} matmul rate >= 0.85", results["flops"]["forward_backward_of_matmul"],
                 CPU_GOALS["fwd_bwd_of_matmul"], True)
         if "over_train" in results.get("distill", {}):
             add("distillation / training iteration <= 1.70", results["distill"]["over_train"], CPU_GOALS["distill_over_train"], False)
@@ -577,7 +569,7 @@ def goal_checks(b, results, baseline):
                 add(f"{sampler} sampler overhead <= 3%", results["sampler"][sampler]["overhead"], CPU_GOALS["sampler_overhead"], False)
     else:
         if "of_matmul" in results.get("train", {}):
-            add(f"training step / {b.compute_dtype()} matmul rate >= 0.40", results["train"]["of_matmul"],
+            add(f"training step / {str(b.compute_dtype())[6:]} matmul rate >= 0.40", results["train"]["of_matmul"],
                 GPU_GOALS["train_of_matmul"], True)
         if baseline and "train" in results and "train" in baseline.get("results", {}):
             add("training images/s / baseline >= 3", results["train"]["images_per_s"] / baseline["results"]["train"]["images_per_s"],
