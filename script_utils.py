@@ -211,6 +211,7 @@ def save_checkpoint(state, directory, step=None, keep=0):
 def _atomic_save(state, path):
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(path))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -223,6 +224,12 @@ def _atomic_save(state, path):
             reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).splitlines()[0]
             raise UserError(f"could not write checkpoint {path} ({reason}); the previous checkpoint is intact") from None
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_link_or_copy(source, path):

@@ -25,7 +25,6 @@ Batches are random tensors already on the device: data loading is not timed.
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import resource
