@@ -59,7 +59,7 @@ GPU_GOALS = {"train_of_matmul": 0.40, "speedup_over_baseline": 3.0, "grad_checkp
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--module", "--config", dest="module", default="digits_u", help="user module, e.g. digits_u or celeba_u")
+    p.add_argument("--module", default="digits_u", help="user module, e.g. digits_u or celeba_u")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--batch_size", type=int, default=0, help="images per step (0: 128 for 8x8 models, 1 on CPU / 16 on CUDA otherwise)")
     p.add_argument("--resolution", type=int, default=0, help="override the model's H = W (0: the module's image_size)")
