@@ -36,6 +36,27 @@ def make_argument_parser():
     return parser
 
 
+def make_distillation_loss(args, ctx, module, teacher, student_net, n, time_scale, teacher_time_labels):
+    """loss_fn(images, labels) -> (per-sample losses, noise levels) of a teacher with n steps at time_scale
+    and its student; the teacher runs under inference mode and --amp autocast (compiled with --compile)."""
+    teacher.to(ctx.device).eval().requires_grad_(False)
+    if args.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    teacher_diffusion = make_diffusion(torch.compile(teacher) if args.compile else teacher, n, time_scale,
+                                       DIFFUSIONS[args.diffusion], ctx.device, time_labels=teacher_time_labels,
+                                       weighting=args.weighting, gamma=args.gamma)
+    student_diffusion = make_diffusion(student_net, n // 2, 2 * time_scale, GaussianDiffusion, ctx.device)
+    extra_args = extra_args_fn(module)
+
+    def loss_fn(images, labels):
+        t = 2 * torch.randint(0, n // 2, (images.shape[0],), device=ctx.device)
+        losses = teacher_diffusion.distill_loss(student_diffusion, images, t, extra_args(images, labels, ctx.device),
+                                                reduction="none")
+        return losses, t / n
+
+    return loss_fn
+
+
 def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume_path):
     """One halving: teacher at teacher_path -> student in checkpoints/<name>/<dname>. Returns its path."""
     teacher_ckpt = load_checkpoint(teacher_path, map_location="cpu")
@@ -44,9 +65,6 @@ def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume_path):
         raise UserError(f"cannot distil {teacher_path}: it samples in {n} step(s); a teacher needs an even number of steps")
     teacher = make_user_model(module)
     load_weights(teacher, teacher_ckpt["G"], teacher_path)
-    teacher.to(ctx.device).eval().requires_grad_(False)  # runs under inference mode and --amp autocast
-    if args.channels_last:
-        teacher.to(memory_format=torch.channels_last)
     student = make_user_model(module)
     load_weights(student, teacher_ckpt["G"], teacher_path)
 
@@ -62,18 +80,8 @@ def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume_path):
                             f"but the student of {teacher_path} has {n // 2} at {2 * time_scale}")
         trainer.restore(resume, resume_path)
 
-    teacher_diffusion = make_diffusion(teacher, n, time_scale, DIFFUSIONS[args.diffusion], ctx.device,
-                                       time_labels=checkpoint_time_labels(teacher_ckpt),
-                                       weighting=args.weighting, gamma=args.gamma)
-    student_diffusion = make_diffusion(trainer.net, n // 2, 2 * time_scale, GaussianDiffusion, ctx.device)
-    extra_args = extra_args_fn(module)
-
-    def loss_fn(images, labels):
-        t = 2 * torch.randint(0, n // 2, (images.shape[0],), device=ctx.device)
-        losses = teacher_diffusion.distill_loss(student_diffusion, images, t, extra_args(images, labels, ctx.device),
-                                                reduction="none")
-        return losses, t / n
-
+    loss_fn = make_distillation_loss(args, ctx, module, teacher, trainer.net, n, time_scale,
+                                     checkpoint_time_labels(teacher_ckpt))
     print(f"Distilling {teacher_path} ({n} steps, time scale {time_scale}) into {checkpoint_dir} "
           f"({n // 2} steps, time scale {2 * time_scale})")
     sample_diffusion = make_diffusion(trainer.sampling_model, n // 2, 2 * time_scale, device=ctx.device)

@@ -24,6 +24,19 @@ def make_argument_parser():
     return parser
 
 
+def make_training_loss(args, ctx, module, net, n):
+    """loss_fn(images, labels) -> (per-sample v-MSE at uniform step indices, their noise levels)."""
+    diffusion = make_diffusion(net, n, 1, DIFFUSIONS[args.diffusion], ctx.device)
+    extra_args = extra_args_fn(module)
+
+    def loss_fn(images, labels):
+        t = torch.randint(0, n, (images.shape[0],), device=ctx.device)
+        losses = diffusion.p_loss(images, t, extra_args(images, labels, ctx.device), reduction="none")
+        return losses, t / n
+
+    return loss_fn
+
+
 @main_guard
 def main(argv=None):
     args = make_argument_parser().parse_args(argv)
@@ -44,14 +57,7 @@ def main(argv=None):
     trainer = Trainer(args, ctx, model, checkpoint_dir, meta)
     if ckpt is not None:
         trainer.restore(ckpt, args.checkpoint_to_continue)
-    diffusion = make_diffusion(trainer.net, n, 1, DIFFUSIONS[args.diffusion], ctx.device)
-    extra_args = extra_args_fn(module)
-
-    def loss_fn(images, labels):
-        t = torch.randint(0, n, (images.shape[0],), device=ctx.device)
-        losses = diffusion.p_loss(images, t, extra_args(images, labels, ctx.device), reduction="none")
-        return losses, t / n
-
+    loss_fn = make_training_loss(args, ctx, module, trainer.net, n)
     print(f"Training a {n}-step base model on {len(dataset)} images; output in {checkpoint_dir}")
     trainer.fit(dataset, loss_fn, make_diffusion(trainer.sampling_model, n, 1, device=ctx.device))
     ctx.close()

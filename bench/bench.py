@@ -43,7 +43,6 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import distillate  # noqa: E402
 import train  # noqa: E402
-from diffusion import GaussianDiffusion, GaussianDiffusionDefault  # noqa: E402
 from script_utils import (UserError, extra_args_fn, load_user_module, make_diffusion, make_user_model,  # noqa: E402
                           str2bool)
 from train_utils import RunContext, Trainer  # noqa: E402
@@ -178,39 +177,17 @@ def make_train(b, grad_checkpoint=False):
     """(trainer, loss_fn) exactly as train.py builds them."""
     args = b.script_args(train, grad_checkpoint)
     trainer = Trainer(args, b.ctx, make_user_model(b.module), os.path.join("checkpoints", "bench"), {})
-    diffusion = make_diffusion(trainer.net, b.n, 1, GaussianDiffusion, b.device)
-    extra_args = extra_args_fn(b.module)
-
-    def loss_fn(images, labels):
-        t = torch.randint(0, b.n, (images.shape[0],), device=b.device)
-        return diffusion.p_loss(images, t, extra_args(images, labels, b.device), reduction="none"), t / b.n
-
-    return trainer, loss_fn
+    return trainer, train.make_training_loss(args, b.ctx, b.module, trainer.net, b.n)
 
 
 def make_distill(b):
-    """(trainer, loss_fn, teacher_diffusion, student_diffusion) as distillate.py builds them (teacher eager)."""
+    """(trainer, loss_fn) exactly as distillate.py builds them, for a teacher with b.n steps."""
     args = b.script_args(distillate)
     teacher = make_user_model(b.module)
-    teacher.to(b.device).eval().requires_grad_(False)
-    if args.channels_last:
-        teacher.to(memory_format=torch.channels_last)
     student = make_user_model(b.module)
     student.load_state_dict(teacher.state_dict())
     trainer = Trainer(args, b.ctx, student, os.path.join("checkpoints", "bench"), {})
-    n = b.n
-    teacher_diffusion = make_diffusion(teacher, n, 1, GaussianDiffusionDefault, b.device, time_labels="aligned",
-                                       weighting=args.weighting, gamma=args.gamma)
-    student_diffusion = make_diffusion(trainer.net, n // 2, 2, GaussianDiffusion, b.device)
-    extra_args = extra_args_fn(b.module)
-
-    def loss_fn(images, labels):
-        t = 2 * torch.randint(0, n // 2, (images.shape[0],), device=b.device)
-        losses = teacher_diffusion.distill_loss(student_diffusion, images, t, extra_args(images, labels, b.device),
-                                                reduction="none")
-        return losses, t / n
-
-    return trainer, loss_fn, teacher_diffusion, extra_args
+    return trainer, distillate.make_distillation_loss(args, b.ctx, b.module, teacher, trainer.net, b.n, 1, "aligned")
 
 
 def peak_cuda(b, reset=False):
@@ -342,7 +319,7 @@ def bench_train(b, results):
 
 
 def bench_distill(b, results):
-    trainer, loss_fn, teacher_diffusion, extra_args = make_distill(b)
+    trainer, loss_fn = make_distill(b)
     x = b.images()
     step = [0]
 
@@ -353,16 +330,7 @@ def bench_distill(b, results):
     peak_cuda(b, reset=True)
     t = b.timed(run)
     peak = peak_cuda(b)
-    t_idx = 2 * torch.randint(0, b.n // 2, (b.batch,), device=b.device)
-    eps = torch.randn_like(x, dtype=torch.float64)
-
-    def teacher_only():
-        with b.ctx.autocast():
-            teacher_diffusion.distill_inputs(x.double(), t_idx, extra_args(x, None, b.device), eps)
-
-    t_teacher = b.timed(teacher_only)
-    out = {"iteration": t, "images_per_s": b.batch / t["median_s"], "teacher_target": t_teacher,
-           "peak_allocated_bytes": peak}
+    out = {"iteration": t, "images_per_s": b.batch / t["median_s"], "peak_allocated_bytes": peak}
     fwd, fwd_bwd = count_flops(b, b.batch)
     out["achieved_flops"] = (2 * fwd + fwd_bwd) / t["median_s"]
     if "train" in results:
@@ -370,7 +338,7 @@ def bench_distill(b, results):
         out["floor_over_train"] = (2 * fwd + fwd_bwd) / fwd_bwd
     results["distill"] = out
     print(f"  distill_loss + backward + clip + AdamW: {t['median_s'] * 1e3:9.2f} ms/iter (min {t['min_s'] * 1e3:.2f}), "
-          f"{out['images_per_s']:,.1f} images/s; the teacher's two forwards alone {t_teacher['median_s'] * 1e3:.2f} ms")
+          f"{out['images_per_s']:,.1f} images/s")
     if "over_train" in out:
         print(f"  distillation / training iteration time: {out['over_train']:.3f} "
               f"(FLOP floor {out['floor_over_train']:.3f})")
