@@ -2,7 +2,8 @@
 """`make demo`: sample the shipped digits models and print their evaluation.
 
 Writes images/digits_demo.png — the base model with all its steps | the base model with 8 steps | the
-distilled 8-step | 4-step | 1-step models, all from the same noise — and one PNG per panel
+distilled 8-step | 4-step | 1-step models, all deterministic (DDIM) from the same noise, so each column
+shows the same digit — and one PNG per panel
 (images/digits_<panel>.png), then prints checkpoints/digits/evaluation.md.
 """
 import os
@@ -21,7 +22,7 @@ ZOOM = 4  # pixels per digit pixel in the pictures
 
 def panels(base_steps):
     """(file name, caption, checkpoint folder, time_scale, sampler) of each panel."""
-    return [("base", f"base, {base_steps} steps (ancestral)", "original", 1, "ancestral"),
+    return [("base", f"base, {base_steps} steps (DDIM)", "original", 1, "ddim"),
             ("base_8_steps", "base, 8 steps (DDIM)", "original", base_steps // 8, "ddim"),
             ("distilled_8_steps", "distilled, 8 steps", "base_3", 1, "ddim"),
             ("distilled_4_steps", "distilled, 4 steps", "base_4", 1, "ddim"),
