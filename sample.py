@@ -41,7 +41,7 @@ def make_argument_parser():
     parser.add_argument("--channel_order", default="auto", choices=["auto", "RGB", "BGR"],
                         help="channel order of the model's images; auto: as recorded, BGR for the original's files")
     parser.add_argument("--amp", default="no", choices=sorted(AMP_DTYPES), help="mixed precision for the network")
-    parser.add_argument("--channels_last", type=str2bool, default=False, help="channels_last memory format")
+    parser.add_argument("--channels_last", type=str2bool, default=True, help="channels_last memory format (faster convolutions)")
     parser.add_argument("--compile", type=str2bool, default=False, help="torch.compile the network")
     return parser
 

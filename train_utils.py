@@ -165,7 +165,8 @@ def add_training_arguments(parser, *, lr, scheduler, num_iters, ema_decay):
     add("--max_bad_steps", type=positive_int, default=20, help="stop after this many non-finite losses in a row")
     add("--num_workers", type=int, default=-1, help="data loader workers (-1: 2 per image in the batch, at most 8)")
     add("--amp", default="no", choices=sorted(AMP_DTYPES), help="mixed precision for the network (schedule math stays float64)")
-    add("--channels_last", type=str2bool, default=False, help="channels_last memory format (faster convolutions on GPUs)")
+    add("--channels_last", type=str2bool, default=True,
+        help="channels_last memory format: faster convolutions on GPUs and CPUs (90%% vs 83%% of the matmul rate on 2 cores)")
     add("--compile", type=str2bool, default=False, help="torch.compile the trained network")
     add("--grad_checkpoint", type=str2bool, default=False, help="recompute activations in the backward pass (less memory)")
 
