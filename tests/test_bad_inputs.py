@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -230,10 +231,9 @@ def run_folder(tmp_path_factory, server):
     logs.mkdir()
     folder = base / "template"
     write_run_folder(folder, server, logs, marker)
-    # The crafted pickle is armed: a plain (unsafe) torch.load would run its payload.
+    # The crafted pickle is armed: plain unpickling runs its payload.
     probe = base / "probe_marker"
-    save({"G": ArmedPickle(str(probe))}, str(base / "probe.pt"))
-    torch.load(base / "probe.pt", weights_only=False)
+    pickle.loads(pickle.dumps({"G": ArmedPickle(str(probe))}))
     assert probe.exists()
     return folder, marker
 
