@@ -16,7 +16,6 @@ This module is the math only: it imports no training code.
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 TIME_LABELS = ("aligned", "original")

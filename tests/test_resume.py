@@ -67,6 +67,7 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(run, tmp_path):
     ckpt = tmp_path / "checkpoints/toy/base/checkpoint.pt"
     args = [sys.executable, os.path.join(ROOT, "train.py"), "--name", "toy", "--dname", "base", "--num_timesteps", 16,
             "--num_iters", 100000, "--save_every", 3, "--keep_last", 2, *TOY]
+    previous = None  # the step saved before the last kill
     for kill in range(int(os.environ.get("SIGKILL_ROUNDS", "5"))):
         cmd = args + (["--checkpoint_to_continue", ckpt] if ckpt.exists() else [])
         proc = subprocess.Popen([str(a) for a in cmd], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
