@@ -200,6 +200,19 @@ class GaussianDiffusionDefault(GaussianDiffusion):
         self.weighting = weighting
         self.gamma = gamma
 
+    def _two_teacher_steps(self, x, t, extra_args, eps, clip):
+        """Two deterministic DDIM steps of the teacher from z at index t+1 to t-1 (clip: the original's
+        x clipping). Returns z, z_1 (the state at t) and x_2 (the x-prediction at t)."""
+        t1 = t + 1
+        alpha, sigma = self.get_alpha_sigma(x, t1)
+        z = alpha * x + sigma * eps
+        x_1 = self.predict_start_from_v(z, self.inference(z, t1, extra_args), alpha, sigma)
+        x_1 = x_1.clamp(-1, 1) if clip else x_1
+        alpha_1, sigma_1 = self.get_alpha_sigma(x, t)
+        z_1 = alpha_1 * x_1 + (sigma_1 / sigma) * (z - alpha * x_1)
+        x_2 = self.predict_start_from_v(z_1, self.inference(z_1, t, extra_args), alpha_1, sigma_1)
+        return z, z_1, (x_2.clamp(-1, 1) if clip else x_2)
+
     @torch.inference_mode()
     def distill_target(self, x, t, extra_args, eps):
         """Algorithm 2 of Salimans & Ho: two deterministic DDIM teacher steps and the closed-form target.
@@ -208,13 +221,9 @@ class GaussianDiffusionDefault(GaussianDiffusion):
         t+1. Returns (z, x_target) in float64: the x for which one student DDIM step from z lands
         exactly where the teacher's two steps land. No clipping, as in the official code.
         """
-        t1 = t + 1
-        alpha, sigma = self.get_alpha_sigma(x, t1)
-        z = alpha * x + sigma * eps
-        x_1 = self.predict_start_from_v(z, self.inference(z, t1, extra_args), alpha, sigma)
+        z, z_1, x_2 = self._two_teacher_steps(x, t, extra_args, eps, clip=False)
+        alpha, sigma = self.get_alpha_sigma(x, t + 1)
         alpha_1, sigma_1 = self.get_alpha_sigma(x, t)
-        z_1 = alpha_1 * x_1 + (sigma_1 / sigma) * (z - alpha * x_1)
-        x_2 = self.predict_start_from_v(z_1, self.inference(z_1, t, extra_args), alpha_1, sigma_1)
         # Index t-1; index -1 is clean data (alpha 1, sigma 0), where z'' = x_2.
         alpha_2, sigma_2 = self.get_alpha_sigma(x, (t - 1).clamp(min=0))
         clean = (t == 0).reshape(alpha_2.shape)
@@ -222,26 +231,19 @@ class GaussianDiffusionDefault(GaussianDiffusion):
         sigma_2 = torch.where(clean, torch.zeros_like(sigma_2), sigma_2)
         z_2 = alpha_2 * x_2 + (sigma_2 / sigma_1) * (z_1 - alpha_1 * x_2)
         ratio = sigma_2 / sigma
-        x_target = (z_2 - ratio * z) / (alpha_2 - ratio * alpha)
-        return z, x_target
+        return z, (z_2 - ratio * z) / (alpha_2 - ratio * alpha)
+
+    @torch.inference_mode()
+    def original_distill_target(self, x, t, extra_args, eps):
+        """The original implementation's target: the teacher's clipped second x-prediction."""
+        z, _, x_2 = self._two_teacher_steps(x, t, extra_args, eps, clip=True)
+        return z, x_2
 
     def distill_inputs(self, x, t, extra_args, eps, original=False):
         """(z, x_target) as ordinary tensors (the teacher itself runs under inference mode)."""
         target = self.original_distill_target if original else self.distill_target
         z, x_target = target(x, t, extra_args, eps)
         return z.clone(), x_target.clone()
-
-    @torch.inference_mode()
-    def original_distill_target(self, x, t, extra_args, eps):
-        """The original implementation's target: the teacher's clipped second x-prediction, as v."""
-        t1 = t + 1
-        alpha, sigma = self.get_alpha_sigma(x, t1)
-        z = alpha * x + sigma * eps
-        x_1 = self.predict_start_from_v(z, self.inference(z, t1, extra_args), alpha, sigma).clamp(-1, 1)
-        alpha_1, sigma_1 = self.get_alpha_sigma(x, t)
-        z_1 = alpha_1 * x_1 + (sigma_1 / sigma) * (z - alpha * x_1)
-        x_2 = self.predict_start_from_v(z_1, self.inference(z_1, t, extra_args), alpha_1, sigma_1).clamp(-1, 1)
-        return z, x_2
 
     def distill_loss(self, student_diffusion, x, t, extra_args, eps=None, reduction="mean"):
         """Loss of the student (N/2 steps) against this teacher's two-step target at student index t//2.
