@@ -69,7 +69,7 @@ def main(argv=None):
                                    bgr=bgr, progress=True, **sample_kwargs)
         if ctx.is_main:
             save_png(grid, args.out_file)
-        return finish(ctx, args)
+        return finish(ctx)
 
     mine = list(range(ctx.rank, args.batch_size, ctx.world_size))
     samples = []
@@ -93,13 +93,15 @@ def main(argv=None):
             make_parent(args.out_npz)
             np.savez(args.out_npz, arr_0=arr, samples=samples.numpy().astype(np.float32))
             print(f"Wrote {samples.shape[0]} samples to {args.out_npz}")
-    return finish(ctx, args)
+    return finish(ctx)
 
 
 def check_outputs(args):
     """Fail before sampling, not after, when the outputs cannot be written."""
     if not args.out_file and not args.out_npz:
         raise UserError("nothing to write: give --out_file PATH.png and/or --out_npz PATH.npz")
+    if args.trajectory and not args.out_file:
+        raise UserError("--trajectory True draws a picture: give --out_file PATH.png")
     if args.out_file and os.path.splitext(args.out_file)[1].lower() not in IMAGE_EXTENSIONS:
         raise UserError(f"--out_file {args.out_file} needs an image extension ({', '.join(IMAGE_EXTENSIONS)})")
     if args.out_npz and not args.out_npz.endswith(".npz"):
@@ -137,7 +139,7 @@ def save_png(grid, path):
     print(f"Wrote {path}")
 
 
-def finish(ctx, args):
+def finish(ctx):
     ctx.close()
     print("Finished.")
 
