@@ -57,7 +57,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def str2bool(value):
-    """Parse True/False properly (argparse's type=bool turns 'False' into True)."""
+    """Parse True/False properly (argparse's bool conversion would turn 'False' into True)."""
     lowered = str(value).strip().lower()
     if lowered in ("true", "1", "yes", "y", "on"):
         return True

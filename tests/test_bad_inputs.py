@@ -37,8 +37,7 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
+from conftest import ROOT, TESTS
 
 VALID = "checkpoints/toy/base/checkpoint.pt"  # a checkpoint trained by train.py, with its run folder
 MARKER_NAME = "UNPICKLED_CODE_RAN"  # created if the crafted pickle's payload ever runs
