@@ -12,8 +12,9 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
-from script_utils import (ArgumentParser, UserError, choose_device, image_noise, load_model_from_checkpoint,
-                          load_user_module, main_guard, make_sampling_diffusion, positive_int)
+from cli import ArgumentParser, UserError, main_guard, positive_int
+from script_utils import (choose_device, image_noise, load_model_from_checkpoint, load_user_module,
+                          make_sampling_diffusion)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = os.path.join(ROOT, "checkpoints", "digits")

@@ -13,48 +13,13 @@ import os
 
 import torch
 
-from diffusion import DISTILL_WEIGHTINGS, GaussianDiffusion
-from script_utils import (CHECKPOINT_NAME, DIFFUSIONS, ArgumentParser, UserError, add_common_arguments,
-                          checkpoint_channel_order, checkpoint_time_labels, extra_args_fn, load_checkpoint,
-                          load_user_module, load_weights, main_guard, make_diffusion, make_user_dataset,
-                          make_user_model, positive_int)
-from train_utils import RunContext, Trainer, add_training_arguments
-
-
-def make_argument_parser():
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    parser.add_argument("--base_checkpoint", required=True, help="the teacher's checkpoint")
-    parser.add_argument("--diffusion", default="GaussianDiffusionDefault", choices=["GaussianDiffusionDefault"],
-                        help="the teacher's diffusion class (the original's flag; only this one distils)")
-    parser.add_argument("--weighting", default="snr+1", choices=DISTILL_WEIGHTINGS,
-                        help="snr+1: MSE on v; truncated_snr: max(SNR,1) on x (the paper's); "
-                             "original: the original implementation's clipped one-x target (not Algorithm 2)")
-    parser.add_argument("--gamma", type=float, default=0.0, help="extra weight (1 + alpha/sigma)^gamma on the v error")
-    parser.add_argument("--num_stages", type=positive_int, default=1, help="halvings to run, each into <dname>_k")
-    add_training_arguments(parser, lr=0.3 * 5e-5, scheduler="StrategyLinearLR", num_iters=5000, ema_decay=0.0)
-    return parser
-
-
-def make_distillation_loss(args, ctx, module, teacher, student_net, n, time_scale, teacher_time_labels):
-    """loss_fn(images, labels) -> (per-sample losses, noise levels) of a teacher with n steps at time_scale
-    and its student; the teacher runs under inference mode and --amp autocast (compiled with --compile)."""
-    teacher.to(ctx.device).eval().requires_grad_(False)
-    if args.channels_last:
-        teacher.to(memory_format=torch.channels_last)
-    teacher_diffusion = make_diffusion(torch.compile(teacher) if args.compile else teacher, n, time_scale,
-                                       DIFFUSIONS[args.diffusion], ctx.device, time_labels=teacher_time_labels,
-                                       weighting=args.weighting, gamma=args.gamma)
-    student_diffusion = make_diffusion(student_net, n // 2, 2 * time_scale, GaussianDiffusion, ctx.device)
-    extra_args = extra_args_fn(module)
-
-    def loss_fn(images, labels):
-        t = 2 * torch.randint(0, n // 2, (images.shape[0],), device=ctx.device)
-        losses = teacher_diffusion.distill_loss(student_diffusion, images, t, extra_args(images, labels, ctx.device),
-                                                reduction="none")
-        return losses, t / n
-
-    return loss_fn
+from cli import ArgumentParser, UserError, main_guard, positive_int
+from script_utils import (CHECKPOINT_NAME, DIFFUSIONS, add_common_arguments,
+                          checkpoint_channel_order, checkpoint_time_labels, extra_args_fn,
+                          load_checkpoint, load_user_module, load_weights, make_diffusion,
+                          make_user_dataset, make_user_model)
+from losses import make_distillation_loss
+from train_utils import RunContext, Trainer, distill_argument_parser
 
 
 def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume_path):
@@ -91,7 +56,7 @@ def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume_path):
 
 @main_guard
 def main(argv=None):
-    args = make_argument_parser().parse_args(argv)
+    args = distill_argument_parser(__doc__).parse_args(argv)
     ctx = RunContext(args)
     torch.manual_seed(args.seed)
     module = load_user_module(args.module)

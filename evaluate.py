@@ -17,9 +17,9 @@ import os
 import torch
 
 from fid import fid_from_features, inception_features
-from script_utils import (ArgumentParser, UserError, add_common_arguments, choose_device, image_noise,
-                          load_model_from_checkpoint, load_user_module, main_guard, make_sampling_diffusion,
-                          positive_int)
+from cli import ArgumentParser, UserError, main_guard, positive_int
+from script_utils import (add_common_arguments, choose_device, image_noise,
+                          load_model_from_checkpoint, load_user_module, make_sampling_diffusion)
 
 
 def make_argument_parser():

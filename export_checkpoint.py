@@ -6,7 +6,8 @@
 writes checkpoints/digits/base_6/checkpoint.pt. --half True stores floating-point weights in float16
 (they are loaded back into float32 models).
 """
-from script_utils import ArgumentParser, load_checkpoint, main_guard, save_checkpoint, str2bool
+from cli import ArgumentParser, main_guard, str2bool
+from script_utils import load_checkpoint, save_checkpoint
 
 TRAINING_STATE = ("model", "optimizer", "scaler", "bad_steps")
 

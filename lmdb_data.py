@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from cli import UserError
+
 LENGTH_KEY = b"length"
 PREPARE_HINT = "python prepare_data.py --size {size} --out {path} IMAGE_FOLDER"
 REBUILD = "rebuild the data set with prepare_data.py --overwrite True"
@@ -24,7 +26,7 @@ def image_key(size: int, index: int) -> bytes:
     return f"{size}-{index:05d}".encode("utf-8")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with a data set that the user can fix; the message is one line saying how."""
 
 

@@ -17,53 +17,28 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
+from cli import ArgumentParser, UserError, int_list, main_guard, positive_int, str2bool
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
 
 
-def fail(message, status=2):
-    """Report a user mistake on one line and exit."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(status)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        fail(f"{message} (see --help)")
-
-
-def str2bool(text):
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
 def size_list(text):
-    sizes = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() and int(part) > 0 for part in sizes):
-        raise argparse.ArgumentTypeError(
-            f"expected positive integers separated by commas, got {text!r}")
-    return sorted(set(map(int, sizes)))
-
-
-def positive_int(text):
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+    try:
+        return sorted(set(int_list(text)))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected positive image sizes separated by commas, got {text!r}") from None
 
 
 def parse_args(argv=None):
-    parser = Parser(description="Write a folder of images into an LMDB data set.")
+    parser = ArgumentParser(description="Write a folder of images into an LMDB data set.")
     parser.add_argument("--out", required=True, help="folder of the LMDB data set to write")
     parser.add_argument("--size", type=size_list, default="128,256,512,1024",
-                        help="image sizes to write, comma-separated (default: %(default)s)")
+                        help="image sizes to write, comma-separated")
     parser.add_argument("--n_worker", type=positive_int, default=min(8, os.cpu_count() or 1),
                         help="processes that decode and resize images (1: no pool)")
     parser.add_argument("--resample", choices=sorted(RESAMPLE), default="lanczos",
-                        help="resampling filter for resizing (default: %(default)s)")
+                        help="resampling filter for resizing")
     parser.add_argument("--overwrite", type=str2bool, default=False,
                         help="replace a complete data set already at --out (True/False)")
     parser.add_argument("path", help="folder of images, flat or with sub-folders")
@@ -90,16 +65,17 @@ def encode_all(encode, paths, n_worker):
         yield from pool.imap(encode, paths, chunksize=4)
 
 
+@main_guard
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isdir(args.path):
         what = "is not a folder" if os.path.exists(args.path) else "not found"
-        fail(f"image folder {args.path} {what}")
+        raise UserError(f"image folder {args.path} {what}")
     files = find_images(args.path)
     if not files:
-        fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {args.path}")
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {args.path}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        fail(f"--out {args.out} exists and is not a folder")
+        raise UserError(f"--out {args.out} exists and is not a folder")
 
     # Imported only now, so that a mistyped command fails at once instead of after torch
     # (needed by the data set reader in the same module) has loaded.
@@ -108,10 +84,10 @@ def main(argv=None):
     try:
         existing = read_length(args.out)
     except lmdb.Error as error:
-        fail(f"--out {args.out} holds an unreadable LMDB ({error}); "
+        raise UserError(f"--out {args.out} holds an unreadable LMDB ({error}); "
              f"remove it or choose another --out")
     if existing is not None and not args.overwrite:
-        fail(f"--out {args.out} already holds a complete data set of {existing} images; "
+        raise UserError(f"--out {args.out} already holds a complete data set of {existing} images; "
              f"pass --overwrite True to replace it")
 
     encode = functools.partial(encode_file, sizes=args.size, resample=RESAMPLE[args.resample])
@@ -132,7 +108,7 @@ def main(argv=None):
                     writer.put(image_key(size, written), data)
                 written += 1
             if written == 0:
-                fail(f"none of the {len(files)} images in {args.path} could be read", status=1)
+                raise UserError(f"none of the {len(files)} images in {args.path} could be read")
             writer.finish(written)
         if os.path.isdir(args.out):
             shutil.rmtree(args.out)

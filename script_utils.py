@@ -10,9 +10,7 @@ and, written by this project only:
   bad_steps.
 A file with only the first three keys is the original implementation's: original time labels, BGR.
 """
-import argparse
 import errno
-import functools
 import importlib
 import os
 import pickle
@@ -22,55 +20,14 @@ import zipfile
 
 import torch
 
+import seeding
+from cli import UserError
 from diffusion import GaussianDiffusion, GaussianDiffusionDefault, make_beta_schedule
-from lmdb_data import DataError
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 # The original's --diffusion values, chosen from a table (never looked up by name).
 DIFFUSIONS = {"GaussianDiffusion": GaussianDiffusion, "GaussianDiffusionDefault": GaussianDiffusionDefault}
-
-
-class UserError(Exception):
-    """A mistake the user can fix; scripts print its one-line message and exit with status 2."""
-
-
-def main_guard(main):
-    """Run `main`, turning user mistakes into one line on stderr and exit status 2 (never a traceback)."""
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except (UserError, DataError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (the message), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def str2bool(value):
-    """Parse True/False properly (argparse's bool conversion would turn 'False' into True)."""
-    lowered = str(value).strip().lower()
-    if lowered in ("true", "1", "yes", "y", "on"):
-        return True
-    if lowered in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def positive_int(value):
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
 
 
 def choose_device(name):
@@ -293,5 +250,4 @@ def make_sampling_diffusion(model, ckpt, time_scale=1, clipped=False, device="cp
 
 def image_noise(indices, shape, seed):
     """The starting noise of images `indices`: image i always gets the same noise, whatever the batch."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                        for i in indices])
+    return seeding.image_randn(indices, shape, seed, "start")

@@ -9,37 +9,16 @@ import os
 
 import torch
 
-from script_utils import (DIFFUSIONS, ArgumentParser, UserError, add_common_arguments, extra_args_fn,
-                          load_checkpoint, load_user_module, main_guard, make_diffusion, make_user_dataset,
-                          make_user_model, positive_int)
-from train_utils import RunContext, Trainer, add_training_arguments
-
-
-def make_argument_parser():
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    parser.add_argument("--num_timesteps", type=positive_int, default=1024, help="diffusion steps N of the base model")
-    parser.add_argument("--diffusion", default="GaussianDiffusion", choices=sorted(DIFFUSIONS), help="diffusion class")
-    add_training_arguments(parser, lr=5e-5, scheduler="StrategyConstantLR", num_iters=100000, ema_decay=0.9999)
-    return parser
-
-
-def make_training_loss(args, ctx, module, net, n):
-    """loss_fn(images, labels) -> (per-sample v-MSE at uniform step indices, their noise levels)."""
-    diffusion = make_diffusion(net, n, 1, DIFFUSIONS[args.diffusion], ctx.device)
-    extra_args = extra_args_fn(module)
-
-    def loss_fn(images, labels):
-        t = torch.randint(0, n, (images.shape[0],), device=ctx.device)
-        losses = diffusion.p_loss(images, t, extra_args(images, labels, ctx.device), reduction="none")
-        return losses, t / n
-
-    return loss_fn
+from cli import ArgumentParser, UserError, main_guard, positive_int
+from script_utils import (DIFFUSIONS, add_common_arguments, extra_args_fn, load_checkpoint,
+                          load_user_module, make_diffusion, make_user_dataset, make_user_model)
+from losses import make_training_loss
+from train_utils import RunContext, Trainer, train_argument_parser
 
 
 @main_guard
 def main(argv=None):
-    args = make_argument_parser().parse_args(argv)
+    args = train_argument_parser(__doc__).parse_args(argv)
     ctx = RunContext(args)
     torch.manual_seed(args.seed)
     module = load_user_module(args.module)

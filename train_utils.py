@@ -20,8 +20,11 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from script_utils import (FORMAT_VERSION, UserError, clean_state_dict, choose_device, load_weights,
-                          positive_int, save_checkpoint, str2bool)
+import seeding
+from cli import ArgumentParser, UserError, positive_int, str2bool
+from diffusion import DISTILL_WEIGHTINGS
+from script_utils import (DIFFUSIONS, FORMAT_VERSION, add_common_arguments, choose_device, clean_state_dict,
+                          load_weights, save_checkpoint)
 
 # --scheduler values; the original's strategy names map onto the same pure functions.
 LR_SCHEDULES = {"constant": "constant", "linear": "linear", "cosine": "cosine", "onecycle": "onecycle",
@@ -92,7 +95,7 @@ class InfiniteShardSampler(torch.utils.data.Sampler):
     def __iter__(self):
         skip, epoch = self.start, 0
         while True:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = seeding.generator(self.seed, "epoch", epoch)
             shard = torch.randperm(self.n, generator=generator)[self.rank::self.world_size]
             if skip < len(shard):
                 yield from shard[skip:].tolist()
@@ -242,7 +245,7 @@ class Trainer:
         return torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
             pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(args.seed + ctx.rank))
+            generator=seeding.generator(args.seed, "loader", ctx.rank))
 
     def fit(self, dataset, loss_fn, sample_diffusion, bgr=False):
         """Run optimizer steps until args.num_iters.
@@ -266,7 +269,7 @@ class Trainer:
         self._install_signal_handlers()
         try:
             while self.step < args.num_iters:
-                torch.manual_seed(args.seed * 1_000_003 + ctx.rank * 7_919 + self.step)
+                torch.manual_seed(seeding.derive_seed(args.seed, "train-step", ctx.rank, self.step))
                 images, labels = next(loader)
                 images = images.to(ctx.device, non_blocking=True)
                 if args.channels_last and images.ndim == 4:
@@ -358,7 +361,7 @@ class Trainer:
 
     def _log_samples(self, writer, diffusion, bgr):
         shape = [self.args.log_images] + list(self.model.image_size[1:])
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.args.seed)).to(self.ctx.device)
+        noise = seeding.image_randn(range(shape[0]), shape[1:], self.args.seed, "start").to(self.ctx.device)
         writer.add_image("samples", trajectory_grid(diffusion, noise, bgr=bgr), self.step)
         writer.flush()
 
@@ -428,3 +431,29 @@ def trajectory_grid(diffusion, noise, captures=5, bgr=False, **sample_kwargs):
     if bgr and images.shape[1] == 3:
         images = images.flip(1)
     return torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=noise.shape[0], padding=1)
+
+
+# -- the training scripts' command lines (shared with bench/) ------------------------------------
+
+def train_argument_parser(description):
+    parser = ArgumentParser(description=description)
+    add_common_arguments(parser)
+    parser.add_argument("--num_timesteps", type=positive_int, default=1024, help="diffusion steps N of the base model")
+    parser.add_argument("--diffusion", default="GaussianDiffusion", choices=sorted(DIFFUSIONS), help="diffusion class")
+    add_training_arguments(parser, lr=5e-5, scheduler="StrategyConstantLR", num_iters=100000, ema_decay=0.9999)
+    return parser
+
+
+def distill_argument_parser(description):
+    parser = ArgumentParser(description=description)
+    add_common_arguments(parser)
+    parser.add_argument("--base_checkpoint", required=True, help="the teacher's checkpoint")
+    parser.add_argument("--diffusion", default="GaussianDiffusionDefault", choices=["GaussianDiffusionDefault"],
+                        help="the teacher's diffusion class (the original's flag; only this one distils)")
+    parser.add_argument("--weighting", default="snr+1", choices=DISTILL_WEIGHTINGS,
+                        help="snr+1: MSE on v; truncated_snr: max(SNR,1) on x (the paper's); "
+                             "original: the original implementation's clipped one-x target (not Algorithm 2)")
+    parser.add_argument("--gamma", type=float, default=0.0, help="extra weight (1 + alpha/sigma)^gamma on the v error")
+    parser.add_argument("--num_stages", type=positive_int, default=1, help="halvings to run, each into <dname>_k")
+    add_training_arguments(parser, lr=0.3 * 5e-5, scheduler="StrategyLinearLR", num_iters=5000, ema_decay=0.0)
+    return parser

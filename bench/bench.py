@@ -41,11 +41,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-import distillate  # noqa: E402
-import train  # noqa: E402
-from script_utils import (UserError, extra_args_fn, load_user_module, make_diffusion, make_user_model,  # noqa: E402
-                          str2bool)
-from train_utils import RunContext, Trainer  # noqa: E402
+from cli import UserError, str2bool  # noqa: E402
+from script_utils import extra_args_fn, load_user_module, make_diffusion, make_user_model  # noqa: E402
+from losses import make_distillation_loss, make_training_loss  # noqa: E402
+from train_utils import RunContext, Trainer, distill_argument_parser, train_argument_parser  # noqa: E402
 
 SECTIONS = ("matmul", "flops", "train", "distill", "sampler", "sampling", "memory")
 MEMORY_TAG = "BENCH_MEMORY_RESULT "
@@ -155,11 +154,9 @@ class Bench:
         argv = ["--module", a.module, "--name", "bench", "--dname", "bench", "--device", str(self.device),
                 "--batch_size", str(self.batch), "--amp", a.amp, "--channels_last", str(a.channels_last),
                 "--compile", str(a.compile), "--grad_checkpoint", str(grad_checkpoint), "--num_iters", "1000000"]
-        if script is distillate:
-            argv += ["--base_checkpoint", "unused.pt"]
-        else:
-            argv += ["--num_timesteps", str(self.n)]
-        return script.make_argument_parser().parse_args(argv)
+        if script == "distill":
+            return distill_argument_parser("").parse_args(argv + ["--base_checkpoint", "unused.pt"])
+        return train_argument_parser("").parse_args(argv + ["--num_timesteps", str(self.n)])
 
 
 def optimizer_step(trainer, loss_fn, images, step, ema=False):
@@ -175,19 +172,19 @@ def optimizer_step(trainer, loss_fn, images, step, ema=False):
 
 def make_train(b, grad_checkpoint=False):
     """(trainer, loss_fn) exactly as train.py builds them."""
-    args = b.script_args(train, grad_checkpoint)
+    args = b.script_args("train", grad_checkpoint)
     trainer = Trainer(args, b.ctx, make_user_model(b.module), os.path.join("checkpoints", "bench"), {})
-    return trainer, train.make_training_loss(args, b.ctx, b.module, trainer.net, b.n)
+    return trainer, make_training_loss(args, b.ctx, b.module, trainer.net, b.n)
 
 
 def make_distill(b):
     """(trainer, loss_fn) exactly as distillate.py builds them, for a teacher with b.n steps."""
-    args = b.script_args(distillate)
+    args = b.script_args("distill")
     teacher = make_user_model(b.module)
     student = make_user_model(b.module)
     student.load_state_dict(teacher.state_dict())
     trainer = Trainer(args, b.ctx, student, os.path.join("checkpoints", "bench"), {})
-    return trainer, distillate.make_distillation_loss(args, b.ctx, b.module, teacher, trainer.net, b.n, 1, "aligned")
+    return trainer, make_distillation_loss(args, b.ctx, b.module, teacher, trainer.net, b.n, 1, "aligned")
 
 
 def peak_cuda(b, reset=False):

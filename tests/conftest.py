@@ -7,7 +7,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
-REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference")
+REFERENCE = os.path.join(TESTS, "reference")  # data produced by running the original implementation
 
 
 def run_script(script, *args, cwd, check=True, timeout=600, env_extra=None):
@@ -38,5 +38,5 @@ def run(tmp_path):
 @pytest.fixture(scope="session")
 def reference_dir():
     if not os.path.isdir(REFERENCE):
-        pytest.fail(f"reference data not found at {REFERENCE} (the shared/ folder beside the repository)")
+        pytest.fail(f"reference data not found at {REFERENCE}; it is part of the repository")
     return REFERENCE

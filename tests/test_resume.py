@@ -12,7 +12,8 @@ import torch
 
 import script_utils
 from conftest import ROOT, TESTS
-from script_utils import UserError, save_checkpoint
+from cli import UserError
+from script_utils import save_checkpoint
 
 TOY = ["--module", "toy_u", "--num_workers", "0", "--device", "cpu", "--batch_size", 16]
 

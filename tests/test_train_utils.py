@@ -6,7 +6,8 @@ import itertools
 import pytest
 import torch
 
-from script_utils import clean_state_dict, str2bool
+from cli import str2bool
+from script_utils import clean_state_dict
 from train_utils import EMA, InfiniteShardSampler, get_lr
 
 

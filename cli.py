@@ -1,0 +1,114 @@
+"""The command-line helpers every script uses; torch-free, so a mistyped command fails at once.
+
+- `UserError`: a mistake the user can fix; `main_guard` prints its one line and exits with status 2.
+- `ArgumentParser`: argparse whose usage errors are one line and whose --help shows every default.
+- Argument types that check ranges: `str2bool`, `positive_int`, `nonnegative_int`, `positive_float`,
+  `nonnegative_float`, `unit_interval` ([0, 1]), `decay` ([0, 1)), `int_list`.
+"""
+import argparse
+import functools
+import math
+import sys
+
+
+class UserError(Exception):
+    """A mistake the user can fix; scripts print its one-line message and exit with status 2."""
+
+
+def main_guard(main):
+    """Run `main`, turning user mistakes into one line on stderr and exit status 2 (never a traceback)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help lists each flag's default and keeps the description's line breaks."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (the message), exit status 2; --help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def str2bool(value):
+    """Parse True/False properly (argparse's bool conversion would turn 'False' into True)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes", "y", "on"):
+        return True
+    if lowered in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def _number(kind, value):
+    try:
+        number = kind(str(value).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if kind is float and not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def positive_int(value):
+    number = _number(int, value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def nonnegative_int(value):
+    number = _number(int, value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return number
+
+
+def positive_float(value):
+    number = _number(float, value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return number
+
+
+def nonnegative_float(value):
+    number = _number(float, value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or greater, got {value}")
+    return number
+
+
+def unit_interval(value):
+    number = _number(float, value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return number
+
+
+def decay(value):
+    number = _number(float, value)
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1) (0: off), got {value}")
+    return number
+
+
+def int_list(value):
+    """'8,4,2' -> [8, 4, 2]: positive integers separated by commas."""
+    parts = [part.strip() for part in str(value).split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {value!r}")
+    return [int(part) for part in parts]
