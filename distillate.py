@@ -19,7 +19,8 @@ from script_utils import (CHECKPOINT_NAME, DIFFUSIONS, add_common_arguments,
                           load_checkpoint, load_user_module, load_weights, make_diffusion,
                           make_user_dataset, make_user_model)
 from losses import make_distillation_loss
-from train_utils import RunContext, Trainer, distill_argument_parser
+from runtime import RunContext
+from train_utils import Trainer, distill_argument_parser
 
 
 def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume_path):

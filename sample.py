@@ -19,7 +19,8 @@ from cli import ArgumentParser, UserError, main_guard, positive_int, str2bool
 from script_utils import (add_common_arguments, checkpoint_channel_order, extra_args_fn,
                           image_noise, load_model_from_checkpoint, load_user_module,
                           make_sampling_diffusion)
-from train_utils import AMP_DTYPES, RunContext, trajectory_grid
+from runtime import AMP_DTYPES, RunContext
+from sample_utils import trajectory_grid
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -13,7 +13,8 @@ from cli import ArgumentParser, UserError, main_guard, positive_int
 from script_utils import (DIFFUSIONS, add_common_arguments, extra_args_fn, load_checkpoint,
                           load_user_module, make_diffusion, make_user_dataset, make_user_model)
 from losses import make_training_loss
-from train_utils import RunContext, Trainer, train_argument_parser
+from runtime import RunContext
+from train_utils import Trainer, train_argument_parser
 
 
 @main_guard

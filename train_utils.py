@@ -11,26 +11,24 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
-import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import seeding
 from cli import ArgumentParser, UserError, positive_int, str2bool
 from diffusion import DISTILL_WEIGHTINGS
-from script_utils import (DIFFUSIONS, FORMAT_VERSION, add_common_arguments, choose_device, clean_state_dict,
+from runtime import AMP_DTYPES
+from sample_utils import trajectory_grid
+from script_utils import (DIFFUSIONS, FORMAT_VERSION, add_common_arguments, clean_state_dict,
                           load_weights, save_checkpoint)
 
 # --scheduler values; the original's strategy names map onto the same pure functions.
 LR_SCHEDULES = {"constant": "constant", "linear": "linear", "cosine": "cosine", "onecycle": "onecycle",
                 "StrategyConstantLR": "constant", "StrategyLinearLR": "linear",
                 "StrategyCosineAnnel": "cosine", "StrategyOneCycle": "onecycle"}
-AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_lr(step, base_lr, total_steps, schedule="constant", warmup=0):
@@ -101,47 +99,6 @@ class InfiniteShardSampler(torch.utils.data.Sampler):
                 yield from shard[skip:].tolist()
             skip = max(0, skip - len(shard))
             epoch += 1
-
-
-class RunContext:
-    """Device, distributed rank and AMP settings of this process (torchrun sets RANK/WORLD_SIZE)."""
-
-    def __init__(self, args):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.distributed = self.world_size > 1
-        device = choose_device(args.device)
-        if self.distributed and device.type == "cuda":
-            device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.is_main = self.rank == 0
-        self.amp_dtype = AMP_DTYPES[getattr(args, "amp", "no")]
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def all_max(self, values):
-        """Element-wise max of a list of floats over all ranks."""
-        if not self.distributed:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor.tolist()
-
-    def close(self):
-        if self.distributed and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def add_training_arguments(parser, *, lr, scheduler, num_iters, ema_decay):
@@ -413,24 +370,6 @@ class Window:
         self.q_sum, self.q_count = torch.zeros(4), torch.zeros(4)
         self.start = time.monotonic()
         return stats
-
-
-def trajectory_grid(diffusion, noise, captures=5, bgr=False, **sample_kwargs):
-    """Sample from `noise`; return a CHW grid in [0, 1] with one row per captured step, the last row
-    the final images (the original's visualisation). bgr=True flips channels for display."""
-    n = diffusion.num_timesteps
-    capture_at = {round(k * (n - 1) / (captures - 1)) for k in range(captures - 1)} if captures > 1 else set()
-    rows = []
-
-    def callback(i, x):
-        if n - 1 - i in capture_at and i != 0:
-            rows.append(x.float().cpu())
-
-    final = diffusion.p_sample_loop(noise, callback=callback, **sample_kwargs)
-    images = torch.cat(rows + [final.float().cpu()], dim=0)
-    if bgr and images.shape[1] == 3:
-        images = images.flip(1)
-    return torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=noise.shape[0], padding=1)
 
 
 # -- the training scripts' command lines (shared with bench/) ------------------------------------

@@ -44,7 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from cli import UserError, str2bool  # noqa: E402
 from script_utils import extra_args_fn, load_user_module, make_diffusion, make_user_model  # noqa: E402
 from losses import make_distillation_loss, make_training_loss  # noqa: E402
-from train_utils import RunContext, Trainer, distill_argument_parser, train_argument_parser  # noqa: E402
+from runtime import RunContext  # noqa: E402
+from train_utils import Trainer, distill_argument_parser, train_argument_parser  # noqa: E402
 
 SECTIONS = ("matmul", "flops", "train", "distill", "sampler", "sampling", "memory")
 MEMORY_TAG = "BENCH_MEMORY_RESULT "

@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 import toy_u
 from diffusion import GaussianDiffusion, make_beta_schedule
-from train_utils import RunContext, Trainer
+from runtime import RunContext
+from train_utils import Trainer
 
 args = argparse.Namespace(device="cpu", amp="no", seed=0, batch_size=8, num_workers=0, lr=1e-3, scheduler="constant",
                           warmup=0, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_interval=1e9, log_every=1000,

@@ -1,0 +1,55 @@
+"""Where a script runs: the device, the distributed process group (torchrun), and mixed precision.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python script.py` is rank 0 of 1. NCCL on
+GPUs, gloo on the CPU.
+"""
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from script_utils import choose_device
+
+AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunContext:
+    """Device, distributed rank and AMP settings of this process (torchrun sets RANK/WORLD_SIZE)."""
+
+    def __init__(self, args):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.distributed = self.world_size > 1
+        device = choose_device(args.device)
+        if self.distributed and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+        self.amp_dtype = AMP_DTYPES[getattr(args, "amp", "no")]
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def all_max(self, values):
+        """Element-wise max of a list of floats over all ranks."""
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+    def close(self):
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
