@@ -4,12 +4,12 @@ Prepare the data first:  python prepare_data.py --size 256 --out data/celeba_256
 """
 import os
 
-from lmdb_data import LMDBImageDataset
 from unet import UNet
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "celeba_256")  # made by prepare_data.py
 RESOLUTION = 256
 BASE_NUM_STEPS = 1024  # the base model's diffusion steps
+CHANNEL_ORDER = "RGB"  # lmdb_data decodes with PIL (the original's CelebaWrapper decoded BGR with OpenCV)
 
 
 def make_model():
@@ -21,4 +21,6 @@ def make_model():
 
 def make_dataset():
     """RGB images in [-1, 1] with random horizontal flips; the LMDB is opened lazily in each worker."""
+    from lmdb_data import LMDBImageDataset  # here, so that scripts that read no LMDB never import lmdb
+
     return LMDBImageDataset(DATA_DIR, RESOLUTION, flip=True)

@@ -3,7 +3,8 @@
 - `UserError`: a mistake the user can fix; `main_guard` prints its one line and exits with status 2.
 - `ArgumentParser`: argparse whose usage errors are one line and whose --help shows every default.
 - Argument types that check ranges: `str2bool`, `positive_int`, `nonnegative_int`, `positive_float`,
-  `nonnegative_float`, `unit_interval` ([0, 1]), `decay` ([0, 1)), `int_list`.
+  `nonnegative_float`, `unit_interval` ([0, 1]), `decay` ([0, 1)), `finite_float`, `worker_count`
+  (-1 or more), `seed_value` ([0, 2^63)), `int_list`, `index_list`.
 """
 import argparse
 import functools
@@ -104,6 +105,34 @@ def decay(value):
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1) (0: off), got {value}")
     return number
+
+
+def finite_float(value):
+    return _number(float, value)
+
+
+def worker_count(value):
+    """-1 (chosen automatically) or a number of worker processes (0: load in the main process)."""
+    number = _number(int, value)
+    if number < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (automatic), 0 or a positive integer, got {value}")
+    return number
+
+
+def seed_value(value):
+    """A random seed: an integer in [0, 2^63)."""
+    number = _number(int, value)
+    if not 0 <= number < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2^63 - 1, got {value}")
+    return number
+
+
+def index_list(value):
+    """'7,3,0' -> [7, 3, 0]: distinct integers >= 0 separated by commas (step indices)."""
+    parts = [part.strip() for part in str(value).split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts) or len(set(map(int, parts))) != len(parts):
+        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0 separated by commas, got {value!r}")
+    return [int(part) for part in parts]
 
 
 def int_list(value):

@@ -25,6 +25,7 @@ UNET_USE_AFFINE_TIME = True  # time embedding as a scale/shift of the normalised
 UNET_DROPOUT = 0.0  # dropout inside the residual blocks
 
 IMAGE_SIZE = [1, 1, 8, 8]  # [1, C, H, W]
+CHANNEL_ORDER = "RGB"  # recorded in the checkpoints; one grey channel is never flipped
 MAX_GREY = 16  # grey levels run 0..MAX_GREY
 
 # Classifier for the FID feature space

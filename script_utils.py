@@ -21,11 +21,12 @@ import zipfile
 import torch
 
 import seeding
-from cli import UserError
+from cli import UserError, seed_value
 from diffusion import GaussianDiffusion, GaussianDiffusionDefault, make_beta_schedule
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+CHANNEL_ORDERS = ("RGB", "BGR")
 # The original's --diffusion values, chosen from a table (never looked up by name).
 DIFFUSIONS = {"GaussianDiffusion": GaussianDiffusion, "GaussianDiffusionDefault": GaussianDiffusionDefault}
 
@@ -142,6 +143,22 @@ def checkpoint_channel_order(ckpt):
     return ckpt.get("channel_order", "BGR")
 
 
+def data_channel_order(module):
+    """The channel order of the user module's data set: its CHANNEL_ORDER, "RGB" when it has none."""
+    order = getattr(module, "CHANNEL_ORDER", "RGB")
+    if order not in CHANNEL_ORDERS:
+        raise UserError(f"{module.__name__}.CHANNEL_ORDER is {order!r}; it must be 'RGB' or 'BGR'")
+    return order
+
+
+def to_channel_order(images, source, target):
+    """Images [B, C, H, W] stored in channel order `source`, as a network of order `target` sees them:
+    3-channel images are flipped along dim 1 (RGB <-> BGR) where the orders differ; others pass as they are."""
+    if source != target and images.shape[1] == 3:
+        return images.flip(1)
+    return images
+
+
 def make_diffusion(model, n_timesteps, time_scale, cls=GaussianDiffusion, device="cpu", **kwargs):
     betas = make_beta_schedule("cosine", n_timesteps).to(device)
     return cls(model, betas, time_scale=time_scale, **kwargs)
@@ -222,7 +239,7 @@ def add_common_arguments(parser):
     """Flags every script shares."""
     parser.add_argument("--module", required=True, help="user module with make_model() and make_dataset(), e.g. celeba_u")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed")
 
 
 def extra_args_fn(module):

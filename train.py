@@ -3,43 +3,53 @@
 
     python train.py --module celeba_u --name celeba --dname original --batch_size 1 --num_iters 150000
 
-Writes ./checkpoints/<name>/<dname>/checkpoint.pt (EMA weights as G) and TensorBoard logs beside it.
+Writes ./checkpoints/<name>/<dname>/checkpoint.pt (EMA weights as G) and TensorBoard logs beside it. Rerunning
+the command continues that checkpoint (or, when it is finished, does nothing) instead of overwriting it.
 """
 import os
 
 import torch
 
-from cli import ArgumentParser, UserError, main_guard, positive_int
-from script_utils import (DIFFUSIONS, add_common_arguments, extra_args_fn, load_checkpoint,
-                          load_user_module, make_diffusion, make_user_dataset, make_user_model)
+from cli import UserError, main_guard
 from losses import make_training_loss
+from script_utils import (CHECKPOINT_NAME, checkpoint_channel_order, checkpoint_time_labels, data_channel_order,
+                          load_checkpoint, load_user_module, make_diffusion, make_user_dataset, make_user_model)
 from runtime import RunContext
-from train_utils import Trainer, train_argument_parser
+from train_utils import Trainer, check_training_arguments, train_argument_parser
 
 
 @main_guard
 def main(argv=None):
     args = train_argument_parser(__doc__).parse_args(argv)
+    check_training_arguments(args)
     ctx = RunContext(args)
     torch.manual_seed(args.seed)
     module = load_user_module(args.module)
     model = make_user_model(module)
     dataset = make_user_dataset(module)
-    ckpt = load_checkpoint(args.checkpoint_to_continue) if args.checkpoint_to_continue else None
+    checkpoint_dir = os.path.join("checkpoints", args.name, args.dname)
+    # A rerun continues (or, when finished, skips) its own checkpoint instead of overwriting it.
+    own = os.path.join(checkpoint_dir, CHECKPOINT_NAME)
+    resume_path = args.checkpoint_to_continue or (own if os.path.isfile(own) else "")
+    ckpt = load_checkpoint(resume_path) if resume_path else None
     n = args.num_timesteps
     if ckpt is not None and (ckpt["n_timesteps"] != n or ckpt["time_scale"] != 1):
-        raise UserError(f"{args.checkpoint_to_continue} is a model with {ckpt['n_timesteps']} steps and time scale "
+        raise UserError(f"{resume_path} is a model with {ckpt['n_timesteps']} steps and time scale "
                         f"{ckpt['time_scale']}; train.py continues base models (time scale 1) with --num_timesteps {n}")
 
-    meta = {"n_timesteps": n, "time_scale": 1, "time_labels": "aligned", "stage": "train",
-            "channel_order": getattr(module, "CHANNEL_ORDER", "RGB")}
-    checkpoint_dir = os.path.join("checkpoints", args.name, args.dname)
+    # A continued file keeps its time-label convention (at time scale 1 both give the label i).
+    time_labels = "aligned" if ckpt is None else checkpoint_time_labels(ckpt)
+    meta = {"n_timesteps": n, "time_scale": 1, "time_labels": time_labels, "stage": "train",
+            # a continued run keeps its file's channel order; a new one takes the data's
+            "channel_order": data_channel_order(module) if ckpt is None else checkpoint_channel_order(ckpt)}
     trainer = Trainer(args, ctx, model, checkpoint_dir, meta)
     if ckpt is not None:
-        trainer.restore(ckpt, args.checkpoint_to_continue)
-    loss_fn = make_training_loss(args, ctx, module, trainer.net, n)
+        trainer.restore(ckpt, resume_path)
+    loss_fn = make_training_loss(args, ctx, module, trainer.net, n, channel_order=meta["channel_order"],
+                                 time_labels=time_labels)
     print(f"Training a {n}-step base model on {len(dataset)} images; output in {checkpoint_dir}")
-    trainer.fit(dataset, loss_fn, make_diffusion(trainer.sampling_model, n, 1, device=ctx.device))
+    sample_diffusion = make_diffusion(trainer.sampling_model, n, 1, device=ctx.device, time_labels=time_labels)
+    trainer.fit(dataset, loss_fn, sample_diffusion, bgr=meta["channel_order"] == "BGR")
     ctx.close()
     print("Finished.")
 

@@ -18,27 +18,86 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import seeding
-from cli import ArgumentParser, UserError, positive_int, str2bool
+from cli import (ArgumentParser, UserError, decay, finite_float, nonnegative_float, nonnegative_int,
+                 positive_float, positive_int, str2bool, worker_count)
 from diffusion import DISTILL_WEIGHTINGS
 from runtime import AMP_DTYPES
 from sample_utils import trajectory_grid
 from script_utils import (DIFFUSIONS, FORMAT_VERSION, add_common_arguments, clean_state_dict,
                           load_weights, save_checkpoint)
 
-# --scheduler values; the original's strategy names map onto the same pure functions.
+# --scheduler values -> learning-rate schedule. This project's four schedules run with AdamW; the
+# original's strategy names keep the optimizer and schedule each had (strategies.py of the original):
+#   StrategyConstantLR   AdamW at a constant rate (= constant)
+#   StrategyLinearLR     AdamW with torch's LinearLR from 1 to 0 over the run (= linear)
+#   StrategyOneCycle     SGD, weight decay min(1e-5, 0.5 lr/10), torch's OneCycleLR(max_lr=lr,
+#                        total_steps=num_iters + 2) with its defaults: momentum cycled 0.95 -> 0.85 -> 0.95
+#   StrategyCosineAnnel  SGD, weight decay min(1e-5, lr/10), torch's CosineAnnealingWarmRestarts(T_0=100,
+#                        T_mult=2, eta_min=0.01); its stop test never fired before the loader's end
+# Its AdamW had torch's default weight decay 0.01; here AdamW takes --weight_decay.
 LR_SCHEDULES = {"constant": "constant", "linear": "linear", "cosine": "cosine", "onecycle": "onecycle",
                 "StrategyConstantLR": "constant", "StrategyLinearLR": "linear",
-                "StrategyCosineAnnel": "cosine", "StrategyOneCycle": "onecycle"}
+                "StrategyOneCycle": "torch_one_cycle", "StrategyCosineAnnel": "torch_cosine_restarts"}
 
 
-def get_lr(step, base_lr, total_steps, schedule="constant", warmup=0):
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule.
+def make_optimizer(params, scheduler, lr, weight_decay):
+    """The optimizer of --scheduler: the original's SGD strategies with their weight decay, else AdamW."""
+    if scheduler == "StrategyOneCycle":
+        return torch.optim.SGD(params, lr=lr, weight_decay=min(1e-5, 0.5 * lr / 10))
+    if scheduler == "StrategyCosineAnnel":
+        return torch.optim.SGD(params, lr=lr, weight_decay=min(1e-5, lr / 10))
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_name(scheduler):
+    return "SGD" if scheduler in ("StrategyOneCycle", "StrategyCosineAnnel") else "AdamW"
+
+
+def _annealing_cos(start, end, pct):
+    """Cosine from start (pct 0) to end (pct 1), written as torch's OneCycleLR writes it."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+def one_cycle(step, max_lr, total_steps):
+    """(learning rate, SGD momentum) of torch.optim.lr_scheduler.OneCycleLR(max_lr, total_steps) with its
+    defaults (pct_start 0.3, cosine annealing, momentum 0.95 -> 0.85 -> 0.95, div_factor 25,
+    final_div_factor 1e4) after `step` scheduler steps, i.e. for optimizer step `step` (0-based)."""
+    initial_lr = max_lr / 25.0
+    min_lr = initial_lr / 1e4
+    warm_end = float(0.3 * total_steps) - 1
+    if step <= warm_end:
+        pct = step / warm_end
+        return _annealing_cos(initial_lr, max_lr, pct), _annealing_cos(0.95, 0.85, pct)
+    pct = (step - warm_end) / (total_steps - 1 - warm_end)
+    return _annealing_cos(max_lr, min_lr, pct), _annealing_cos(0.85, 0.95, pct)
+
+
+def cosine_restarts(step, base_lr, t_0=100, t_mult=2, eta_min=0.01):
+    """torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(T_0, T_mult, eta_min) for optimizer step
+    `step` (0-based): a cosine from base_lr towards eta_min over T_i steps, T_i = T_0, 2 T_0, 4 T_0, ..."""
+    t_cur, t_i = step, t_0
+    while t_cur >= t_i:
+        t_cur, t_i = t_cur - t_i, t_i * t_mult
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
+
+
+def get_lr(step, base_lr, total_steps, scheduler="constant", warmup=0):
+    """Learning rate for optimizer step `step` (0-based) of a run of total_steps: linear warm-up, then
+    the schedule of --scheduler (LR_SCHEDULES).
 
     linear: decays to 0 at total_steps (the paper's per-stage schedule); cosine: half a cosine to 0;
-    onecycle: up from base_lr/25 over the first 30%, then a cosine down to 0.
+    onecycle: up from base_lr/25 over the first 30%, then a cosine down to 0; the original's
+    StrategyOneCycle and StrategyCosineAnnel: torch's schedulers as it built them (no warm-up).
     """
+    schedule = LR_SCHEDULES.get(scheduler)
+    if schedule is None:
+        raise ValueError(f"unknown learning-rate schedule {scheduler!r}")
     if step < warmup:
         return base_lr * (step + 1) / warmup
+    if schedule == "torch_one_cycle":
+        return one_cycle(step, base_lr, total_steps + 2)[0]
+    if schedule == "torch_cosine_restarts":
+        return cosine_restarts(step, base_lr)
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if schedule == "constant":
         return base_lr
@@ -46,11 +105,20 @@ def get_lr(step, base_lr, total_steps, schedule="constant", warmup=0):
         return base_lr * (1 - progress)
     if schedule == "cosine":
         return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "onecycle":
-        if progress < 0.3:
-            return base_lr * (0.04 + 0.96 * progress / 0.3)
-        return base_lr * 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7))
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    if progress < 0.3:  # onecycle
+        return base_lr * (0.04 + 0.96 * progress / 0.3)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7))
+
+
+def check_training_arguments(args):
+    """Refuse flag combinations that cannot mean what they say (one line each)."""
+    if optimizer_name(args.scheduler) == "SGD":
+        for flag, value in (("--warmup", args.warmup), ("--weight_decay", args.weight_decay)):
+            if value:
+                nearest = "onecycle" if args.scheduler == "StrategyOneCycle" else "cosine"
+                raise UserError(f"--scheduler {args.scheduler} is the original's SGD schedule, which fixes its own "
+                                f"learning-rate curve and weight decay: {flag} must be 0 "
+                                f"(or use --scheduler {nearest}, with AdamW)")
 
 
 class StepResult(NamedTuple):
@@ -84,8 +152,11 @@ class EMA:
 
 
 class InfiniteShardSampler(torch.utils.data.Sampler):
-    """Endless shuffled indices: epoch e is a permutation seeded by (seed, e), rank r takes every
-    world_size-th index of it, and the first `start` indices of this rank are skipped (resume)."""
+    """Endless shuffled keys (index, sample seed) for a SeededDataset: epoch e is a permutation of the
+    indices seeded by (seed, e), rank r takes every world_size-th index of it, and the first `start`
+    keys of this rank are skipped (resume). The sample seed is derive_seed(seed, "sample", e, index):
+    an image's random augmentation depends on (seed, epoch, index) alone, not on the worker that
+    loads it, the number of workers or ranks, or where the run was resumed."""
 
     def __init__(self, n, seed, rank=0, world_size=1, start=0):
         self.n, self.seed, self.rank, self.world_size, self.start = n, seed, rank, world_size, start
@@ -95,35 +166,67 @@ class InfiniteShardSampler(torch.utils.data.Sampler):
         while True:
             generator = seeding.generator(self.seed, "epoch", epoch)
             shard = torch.randperm(self.n, generator=generator)[self.rank::self.world_size]
-            if skip < len(shard):
-                yield from shard[skip:].tolist()
+            for index in shard[skip:].tolist():
+                yield index, seeding.derive_seed(self.seed, "sample", epoch, index)
             skip = max(0, skip - len(shard))
             epoch += 1
 
 
-def add_training_arguments(parser, *, lr, scheduler, num_iters, ema_decay):
+class SeededDataset(torch.utils.data.Dataset):
+    """`dataset` indexed by keys (index, sample seed): item `index` made with torch's CPU random
+    generator seeded by the sample seed, and the caller's generator state restored afterwards. Random
+    augmentations that draw from torch's generator (LMDBImageDataset's flips, torchvision's transforms)
+    thus repeat exactly with the key, in a DataLoader worker or in the main process."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, sample_seed = key
+        with torch.random.fork_rng(devices=[], device_type="cpu"):
+            torch.default_generator.manual_seed(sample_seed)  # the CPU's alone: a GPU's generator is not touched
+            return self.dataset[index]
+
+
+def add_training_arguments(parser, *, lr, scheduler, num_iters, ema_decay, dname_help, continue_help, ema_help):
     """Flags shared by train.py and distillate.py (the original's names and meanings, with fixes)."""
     add = parser.add_argument
     add("--name", required=True, help="experiment name; output goes to ./checkpoints/<name>/<dname>/")
-    add("--dname", required=True, help="run name within the experiment; output goes to ./checkpoints/<name>/<dname>/")
-    add("--checkpoint_to_continue", default="", help="checkpoint to resume from (model, EMA, optimizer and step)")
-    add("--num_iters", type=positive_int, default=num_iters, help="total optimizer steps of the run")
+    add("--dname", required=True, help=dname_help)
+    add("--checkpoint_to_continue", default="", help=continue_help)
+    add("--num_iters", type=positive_int, default=num_iters,
+        help="optimizer steps of the run (the original counted images)")
     add("--batch_size", type=positive_int, default=1, help="images per optimizer step per process")
-    add("--lr", type=float, default=lr, help="peak learning rate")
-    add("--scheduler", default=scheduler, choices=sorted(LR_SCHEDULES), help="learning-rate schedule over the run")
-    add("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
-    add("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    add("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this value (0: no clipping)")
-    add("--ema_decay", type=float, default=ema_decay, help="EMA decay of the weights saved as G (0: no EMA)")
-    add("--log_interval", type=float, default=15, help="minutes between sample grids in TensorBoard (fractions allowed)")
+    add("--lr", type=positive_float, default=lr,
+        help="learning rate: the peak of the schedule (StrategyCosineAnnel: its start)")
+    add("--scheduler", default=scheduler, choices=list(LR_SCHEDULES),
+        help="learning-rate schedule over --num_iters steps, with AdamW: constant; linear (to 0); cosine (half a "
+             "cosine to 0); onecycle (up from lr/25 over 30%%, a cosine to 0). The original's names: "
+             "StrategyConstantLR (= constant), StrategyLinearLR (= linear), and its SGD strategies, reproduced: "
+             "StrategyOneCycle (torch's OneCycleLR), StrategyCosineAnnel (torch's CosineAnnealingWarmRestarts, "
+             "T_0=100, T_mult=2, eta_min=0.01)")
+    add("--warmup", type=nonnegative_int, default=0, help="linear learning-rate warm-up steps (AdamW schedules)")
+    add("--weight_decay", type=nonnegative_float, default=0.0,
+        help="AdamW's decoupled weight decay (the original's AdamW had torch's default, 0.01; its SGD strategies fix "
+             "their own)")
+    add("--grad_clip", type=nonnegative_float, default=1.0, help="clip the gradient norm to this value (0: no clipping)")
+    add("--ema_decay", type=decay, default=ema_decay, help=ema_help)
+    add("--log_interval", type=positive_float, default=15,
+        help="minutes between sample grids in TensorBoard (fractions allowed)")
     add("--log_every", type=positive_int, default=50, help="steps between scalar logs (loss, lr, grad norm, ...)")
     add("--log_images", type=positive_int, default=4, help="images in the TensorBoard sample grid")
-    add("--ckpt_interval", type=float, default=30, help="minutes between checkpoints (fractions allowed)")
-    add("--save_every", type=int, default=0, help="also save every N steps (0: by minutes only)")
-    add("--keep_last", type=int, default=0, help="keep this many step-numbered checkpoints beside checkpoint.pt")
-    add("--stop_at", type=int, default=0, help="stop with a checkpoint at this step, the schedule still planned for --num_iters (0: off)")
+    add("--ckpt_interval", type=positive_float, default=30, help="minutes between checkpoints (fractions allowed)")
+    add("--save_every", type=nonnegative_int, default=0, help="also save every N steps (0: by minutes only)")
+    add("--keep_last", type=nonnegative_int, default=0,
+        help="keep this many step-numbered checkpoints beside checkpoint.pt (0: none)")
+    add("--stop_at", type=nonnegative_int, default=0,
+        help="stop with a checkpoint at this step, the schedule still planned for --num_iters (0: off)")
     add("--max_bad_steps", type=positive_int, default=20, help="stop after this many non-finite losses in a row")
-    add("--num_workers", type=int, default=-1, help="data loader workers (-1: 2 per image in the batch, at most 8)")
+    add("--num_workers", type=worker_count, default=-1,
+        help="data loader workers (-1: 2 per image in the batch, at most 8)")
     add("--amp", default="no", choices=sorted(AMP_DTYPES), help="mixed precision for the network (schedule math stays float64)")
     add("--channels_last", type=str2bool, default=True,
         help="channels_last memory format: faster convolutions on GPUs and CPUs (90%% vs 83%% of the matmul rate on 2 cores)")
@@ -148,7 +251,7 @@ class Trainer:
             model.grad_checkpoint = True
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         model.to(ctx.device, memory_format=memory_format).train()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.optimizer = make_optimizer(model.parameters(), args.scheduler, args.lr, args.weight_decay)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
         self.step = 0
         self.bad_steps = 0
@@ -167,6 +270,12 @@ class Trainer:
 
     def restore(self, ckpt, source):
         """Continue from a checkpoint: full training state if it has one, else its weights only."""
+        saved = ckpt.get("args", {}).get("scheduler")
+        if ("optimizer" in ckpt and saved in LR_SCHEDULES
+                and optimizer_name(saved) != optimizer_name(self.args.scheduler)):
+            raise UserError(f"{source} was trained with {optimizer_name(saved)} (--scheduler {saved}), but --scheduler "
+                            f"{self.args.scheduler} uses {optimizer_name(self.args.scheduler)}; continue it with "
+                            f"a scheduler of the same optimizer")
         load_weights(self.model, ckpt.get("model", ckpt["G"]), source)
         if self.ema is not None:
             load_weights(self.ema.model, ckpt["G"], source)
@@ -200,7 +309,7 @@ class Trainer:
         sampler = InfiniteShardSampler(len(dataset), args.seed, ctx.rank, ctx.world_size,
                                        start=self.step * args.batch_size)
         return torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+            SeededDataset(dataset), batch_size=args.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
             pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
             generator=seeding.generator(args.seed, "loader", ctx.rank))
 
@@ -260,12 +369,14 @@ class Trainer:
 
     def train_step(self, images, labels, loss_fn, params=None):
         """One optimizer step at self.step (without advancing it): learning rate, forward under autocast,
-        backward, clipping, the non-finite guard, AdamW and EMA."""
+        backward, clipping, the non-finite guard, the optimizer (AdamW, or the original's SGD) and EMA."""
         args, ctx = self.args, self.ctx
         params = list(self.model.parameters()) if params is None else params
-        lr = get_lr(self.step, args.lr, args.num_iters, LR_SCHEDULES[args.scheduler], args.warmup)
+        lr = get_lr(self.step, args.lr, args.num_iters, args.scheduler, args.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if args.scheduler == "StrategyOneCycle":  # OneCycleLR cycles SGD's momentum too
+                group["momentum"] = one_cycle(self.step, args.lr, args.num_iters + 2)[1]
         with ctx.autocast():
             losses, levels = loss_fn(images, labels)
         loss = losses.float().mean()
@@ -304,7 +415,8 @@ class Trainer:
         if not self.ctx.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(os.path.join(self.checkpoint_dir, "tensorboard"))
+        # On resume, events logged after the checkpoint's step (by the run that was cut short) are dropped.
+        return SummaryWriter(os.path.join(self.checkpoint_dir, "tensorboard"), purge_step=self.step or None)
 
     def _log_scalars(self, writer, window, lr):
         stats = window.pop()
@@ -379,20 +491,36 @@ def train_argument_parser(description):
     add_common_arguments(parser)
     parser.add_argument("--num_timesteps", type=positive_int, default=1024, help="diffusion steps N of the base model")
     parser.add_argument("--diffusion", default="GaussianDiffusion", choices=sorted(DIFFUSIONS), help="diffusion class")
-    add_training_arguments(parser, lr=5e-5, scheduler="StrategyConstantLR", num_iters=100000, ema_decay=0.9999)
+    add_training_arguments(
+        parser, lr=5e-5, scheduler="StrategyConstantLR", num_iters=100000, ema_decay=0.9999,
+        dname_help="run name within the experiment; output goes to ./checkpoints/<name>/<dname>/",
+        continue_help="checkpoint to continue: a file of train.py resumes exactly (model, EMA, optimizer, step); "
+                      "a file of the original (weights only) starts at step 0 from its weights, keeping its "
+                      "time-label convention and channel order",
+        ema_help="EMA decay of the weights saved as G (0: no EMA, the raw weights are G)")
     return parser
 
 
 def distill_argument_parser(description):
     parser = ArgumentParser(description=description)
     add_common_arguments(parser)
-    parser.add_argument("--base_checkpoint", required=True, help="the teacher's checkpoint")
+    parser.add_argument("--base_checkpoint", required=True, help="the teacher's checkpoint (of the first stage)")
     parser.add_argument("--diffusion", default="GaussianDiffusionDefault", choices=["GaussianDiffusionDefault"],
                         help="the teacher's diffusion class (the original's flag; only this one distils)")
     parser.add_argument("--weighting", default="snr+1", choices=DISTILL_WEIGHTINGS,
-                        help="snr+1: MSE on v; truncated_snr: max(SNR,1) on x (the paper's); "
+                        help="snr+1: MSE on v; truncated_snr: max(SNR, 1) on x (the paper's); "
                              "original: the original implementation's clipped one-x target (not Algorithm 2)")
-    parser.add_argument("--gamma", type=float, default=0.0, help="extra weight (1 + alpha/sigma)^gamma on the v error")
-    parser.add_argument("--num_stages", type=positive_int, default=1, help="halvings to run, each into <dname>_k")
-    add_training_arguments(parser, lr=0.3 * 5e-5, scheduler="StrategyLinearLR", num_iters=5000, ema_decay=0.0)
+    parser.add_argument("--gamma", type=finite_float, default=0.0,
+                        help="the original's weight w = (1 + alpha/sigma)^gamma: the loss is "
+                             "mse(w v_student, w v_target) (snr+1 and original weightings; 0: none)")
+    parser.add_argument("--num_stages", type=positive_int, default=1,
+                        help="halvings to run: 1 writes <dname>, K > 1 writes <dname>_0 ... <dname>_(K-1)")
+    add_training_arguments(
+        parser, lr=0.3 * 5e-5, scheduler="StrategyLinearLR", num_iters=5000, ema_decay=0.0,
+        dname_help="stage name: output goes to ./checkpoints/<name>/<dname>/ (<dname>_k with --num_stages); "
+                   "a stage already there is continued if unfinished and skipped if finished",
+        continue_help="checkpoint of the first stage's student to continue (model, optimizer, step); "
+                      "by default a stage continues its own <dname> checkpoint when there is one",
+        ema_help="EMA decay of the student's weights saved as G (0: no EMA, the raw weights are G and the next "
+                 "teacher, as in the paper)")
     return parser

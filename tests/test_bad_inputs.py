@@ -2,7 +2,7 @@
 
 Table-driven: each Case is one mistake a user can make with train.py, distillate.py, sample.py,
 prepare_data.py or a user module. For each we check that
-  * the exit status is non-zero (not a crash by signal),
+  * the exit status is 2 (a usage error or a UserError; not a crash, not a signal),
   * there is no "Traceback" anywhere in stdout or stderr,
   * stderr's last non-empty line starts with "error:" and is the only error line (other stderr lines
     are allowed only where a case says so, e.g. a progress bar or "skipped FILE" notes),
@@ -197,6 +197,9 @@ def write_run_folder(folder, server, logs, marker):
     save({"G": g, "n_timesteps": 3, "time_scale": 1, "time_labels": "aligned"}, ck / "odd3.pt")
     save({"G": g, "n_timesteps": 1, "time_scale": 8, "time_labels": "aligned"}, ck / "one_step.pt")
     save({"G": g, "n_timesteps": 4, "time_scale": 2, "time_labels": "aligned"}, ck / "student4.pt")
+    (ck / "teacher_copy.pt").write_bytes((folder / VALID).read_bytes())  # the same teacher at another path
+    distil = server.run("distillate.py", DISTIL_DONE, cwd=folder, logs=logs)
+    assert distil.returncode == 0, distil.stdout + distil.stderr
     save(g, ck / "state_dict_only.pt")  # torch.save(model.state_dict(), ...): not a checkpoint dict
     other = {k: torch.zeros([2 * v.shape[0]] + list(v.shape[1:])) if v.ndim else v for k, v in g.items()}
     save({"G": other, "n_timesteps": 8, "time_scale": 1}, ck / "other_model.pt")  # another architecture
@@ -274,6 +277,8 @@ TRAIN = ["--name", "toy", "--dname", "again", "--num_timesteps", 8, "--num_iters
 TOY_TRAIN = ["--module", "toy_u"] + TRAIN
 DISTIL = ["--module", "toy_u", "--name", "toy", "--dname", "student", "--num_iters", 2, "--batch_size", 4,
           "--num_workers", 0, "--device", "cpu"]
+DISTIL_DONE = ["--module", "toy_u", "--name", "toy", "--dname", "student_done", "--base_checkpoint", VALID,
+               "--num_iters", 2, "--batch_size", 4, "--num_workers", 0, "--device", "cpu"]  # a finished stage
 SAMPLE = ["--module", "toy_u", "--device", "cpu", "--batch_size", 2]
 PREP = ["--n_worker", 1]
 PROGRESS = r".*\d+%\|"  # a tqdm bar, should a script sample (or read images) before it fails
@@ -328,6 +333,25 @@ CASES = [
          skip="this machine has CUDA" if torch.cuda.is_available() else ""),
     Case("train_unknown_device", "train.py", TOY_TRAIN + ["--device", "gpu0"], "device"),
     Case("train_without_name", "train.py", ["--module", "toy_u", "--dname", "again", "--device", "cpu"], "--name"),
+    Case("train_lr_0", "train.py", TOY_TRAIN + ["--lr", 0], "--lr"),
+    Case("train_lr_nan", "train.py", TOY_TRAIN + ["--lr", "nan"], "--lr"),
+    Case("train_ema_decay_1", "train.py", TOY_TRAIN + ["--ema_decay", 1], "--ema_decay"),
+    Case("train_grad_clip_negative", "train.py", TOY_TRAIN + ["--grad_clip", -1], "--grad_clip"),
+    Case("train_warmup_negative", "train.py", TOY_TRAIN + ["--warmup", -100], "--warmup"),
+    Case("train_weight_decay_negative", "train.py", TOY_TRAIN + ["--weight_decay", -0.01], "--weight_decay"),
+    Case("train_log_interval_0", "train.py", TOY_TRAIN + ["--log_interval", 0], "--log_interval"),
+    Case("train_ckpt_interval_negative", "train.py", TOY_TRAIN + ["--ckpt_interval", -30], "--ckpt_interval"),
+    Case("train_save_every_negative", "train.py", TOY_TRAIN + ["--save_every", -1], "--save_every"),
+    Case("train_keep_last_negative", "train.py", TOY_TRAIN + ["--keep_last", -2], "--keep_last"),
+    Case("train_stop_at_negative", "train.py", TOY_TRAIN + ["--stop_at", -5], "--stop_at"),
+    Case("train_num_workers_minus_2", "train.py", TOY_TRAIN + ["--num_workers", -2], "--num_workers"),
+    Case("train_seed_beyond_64_bits", "train.py", TOY_TRAIN + ["--seed", 2 ** 64], "--seed"),
+    Case("train_one_cycle_with_warmup", "train.py", TOY_TRAIN + ["--scheduler", "StrategyOneCycle", "--warmup", 100],
+         "--warmup"),
+    Case("train_cosine_annel_with_weight_decay", "train.py",
+         TOY_TRAIN + ["--scheduler", "StrategyCosineAnnel", "--weight_decay", 0.01], "--weight_decay"),
+    Case("train_continue_adamw_run_with_sgd", "train.py",
+         TOY_TRAIN + ["--checkpoint_to_continue", VALID, "--scheduler", "StrategyOneCycle"], "SGD"),
     # distillate.py
     Case("distil_odd_step_teacher", "distillate.py", DISTIL + ["--base_checkpoint", "ck/odd3.pt"], "even"),
     Case("distil_one_step_teacher", "distillate.py", DISTIL + ["--base_checkpoint", "ck/one_step.pt"], "even"),
@@ -342,6 +366,17 @@ CASES = [
     Case("distil_truncated_teacher", "distillate.py", DISTIL + ["--base_checkpoint", "ck/truncated.pt"], "truncated"),
     Case("distil_num_stages_0", "distillate.py", DISTIL + ["--base_checkpoint", VALID, "--num_stages", 0],
          "num_stages"),
+    Case("distil_gamma_with_truncated_snr", "distillate.py",
+         DISTIL + ["--base_checkpoint", VALID, "--weighting", "truncated_snr", "--gamma", 1], "--gamma"),
+    Case("distil_gamma_nan", "distillate.py", DISTIL + ["--base_checkpoint", VALID, "--gamma", "nan"], "--gamma"),
+    Case("distil_ema_decay_negative", "distillate.py", DISTIL + ["--base_checkpoint", VALID, "--ema_decay", -0.9],
+         "--ema_decay"),
+    Case("distil_rerun_stage_with_another_teacher_file", "distillate.py",
+         DISTIL_DONE[:DISTIL_DONE.index("--base_checkpoint")] + ["--base_checkpoint", "ck/teacher_copy.pt"]
+         + DISTIL_DONE[DISTIL_DONE.index("--base_checkpoint") + 2:], "student of"),
+    Case("distil_rerun_stage_with_a_teacher_of_other_steps", "distillate.py",
+         DISTIL_DONE[:DISTIL_DONE.index("--base_checkpoint")] + ["--base_checkpoint", "ck/student4.pt"]
+         + DISTIL_DONE[DISTIL_DONE.index("--base_checkpoint") + 2:], "student of"),
     Case("distil_plain_gaussian_diffusion", "distillate.py",
          DISTIL + ["--base_checkpoint", VALID, "--diffusion", "GaussianDiffusion"], "diffusion"),
     # sample.py
@@ -377,6 +412,12 @@ CASES = [
          "size"),
     Case("prepare_size_not_a_number", "prepare_data.py",
          PREP + ["--size", "128,big", "--out", "data/new_lmdb", "images_unreadable"], "size"),
+    Case("prepare_size_negative", "prepare_data.py", PREP + ["--size", -8, "--out", "data/new_lmdb", "images_ok"],
+         "size"),
+    Case("prepare_n_worker_negative", "prepare_data.py",
+         ["--n_worker", -1, "--size", 8, "--out", "data/new_lmdb", "images_ok"], "n_worker"),
+    Case("prepare_overwrite_maybe", "prepare_data.py",
+         PREP + ["--size", 8, "--out", "data/points_lmdb", "--overwrite", "maybe", "images_ok"], "overwrite"),
     Case("prepare_n_worker_0", "prepare_data.py",
          ["--n_worker", 0, "--size", 8, "--out", "data/new_lmdb", "images_unreadable"], "n_worker"),
     Case("prepare_out_is_a_file", "prepare_data.py", PREP + ["--size", 8, "--out", "notes.txt", "images_unreadable"],
@@ -394,7 +435,7 @@ CASES = [
 def check_one_line_error(case, result):
     """Return the error line, after checking the status and the shape of the output."""
     output = f"status {result.returncode}\n--- stdout:\n{result.stdout[-3000:]}\n--- stderr:\n{result.stderr[-3000:]}"
-    assert result.returncode > 0, f"expected a non-zero exit status, got {output}"
+    assert result.returncode == 2, f"expected exit status 2, got {output}"
     assert "Traceback" not in result.stdout + result.stderr, f"a traceback instead of a one-line error:\n{output}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines, f"nothing on stderr:\n{output}"
@@ -429,7 +470,7 @@ def test_bad_input(case, server, run_folder, tmp_path):
 
 
 def test_there_are_enough_cases():
-    assert len({c.id for c in CASES}) == len(CASES) >= 24
+    assert len({c.id for c in CASES}) == len(CASES) >= 50
     assert {c.script for c in CASES} == {"train.py", "distillate.py", "sample.py", "prepare_data.py"}
 
 

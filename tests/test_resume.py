@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import script_utils
+import toy_u
 from conftest import ROOT, TESTS
 from cli import UserError
 from script_utils import save_checkpoint
@@ -90,13 +91,15 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(run, tmp_path):
     assert load(ckpt)["step"] == previous + 2
 
 
-@pytest.mark.parametrize("script", ["train.py", "distillate.py"])
-def test_resume_is_bit_exact(run, tmp_path, script):
+@pytest.mark.parametrize("script,schedule", [("train.py", ["--scheduler", "linear", "--warmup", 3]),
+                                             ("train.py", ["--scheduler", "StrategyOneCycle"]),
+                                             ("distillate.py", ["--scheduler", "linear", "--warmup", 3])])
+def test_resume_is_bit_exact(run, tmp_path, script, schedule):
     extra = ["--num_timesteps", 16, "--ema_decay", 0.9] if script == "train.py" else []
     if script == "distillate.py":
         run("train.py", "--name", "toy", "--dname", "teacher", "--num_timesteps", 16, "--num_iters", 20, *TOY)
         extra = ["--base_checkpoint", "checkpoints/toy/teacher/checkpoint.pt", "--ema_decay", 0.9]
-    common = [*extra, *TOY, "--name", "toy", "--num_iters", 20, "--seed", 3, "--scheduler", "linear", "--warmup", 3]
+    common = [*extra, *TOY, "--name", "toy", "--num_iters", 20, "--seed", 3, *schedule]
     run(script, *common, "--dname", "whole")
     run(script, *common, "--dname", "halves", "--stop_at", 10)
     assert load(tmp_path / "checkpoints/toy/halves/checkpoint.pt")["step"] == 10
@@ -105,6 +108,55 @@ def test_resume_is_bit_exact(run, tmp_path, script):
     halves = load(tmp_path / "checkpoints/toy/halves/checkpoint.pt")
     for key in ("G", "model", "optimizer", "scaler", "step"):
         assert_same_tensors(whole[key], halves[key])
+
+
+def test_rerunning_one_distillation_stage_continues_or_skips_it(run, tmp_path):
+    """The same distillate.py command (one stage, no --checkpoint_to_continue) run again continues an
+    unfinished stage exactly and leaves a finished one alone, as --num_stages K does."""
+    run("train.py", "--name", "toy", "--dname", "teacher", "--num_timesteps", 16, "--num_iters", 5, *TOY)
+    common = ["--base_checkpoint", "checkpoints/toy/teacher/checkpoint.pt", *TOY, "--name", "toy", "--num_iters", 12,
+              "--seed", 3]
+    run("distillate.py", *common, "--dname", "whole")
+    run("distillate.py", *common, "--dname", "again", "--stop_at", 5)
+    out = run("distillate.py", *common, "--dname", "again").stdout
+    assert "Continuing from checkpoints/toy/again/checkpoint.pt at step 5" in out
+    whole = load(tmp_path / "checkpoints/toy/whole/checkpoint.pt")
+    again = tmp_path / "checkpoints/toy/again/checkpoint.pt"
+    for key in ("G", "optimizer", "step"):
+        assert_same_tensors(whole[key], load(again)[key])
+    finished = again.read_bytes()
+    out = run("distillate.py", *common, "--dname", "again").stdout
+    assert "Nothing to do" in out and again.read_bytes() == finished
+
+
+def test_rerunning_train_continues_or_skips_instead_of_overwriting(run, tmp_path):
+    """The same train.py command run again continues an unfinished run exactly and leaves a finished
+    base model alone: a finished model is never silently trained again from scratch."""
+    common = [*TOY, "--name", "toy", "--num_timesteps", 16, "--num_iters", 12, "--ema_decay", 0.9, "--seed", 3]
+    run("train.py", *common, "--dname", "whole")
+    run("train.py", *common, "--dname", "again", "--stop_at", 5)
+    out = run("train.py", *common, "--dname", "again").stdout
+    assert "Continuing from checkpoints/toy/again/checkpoint.pt at step 5" in out
+    whole = load(tmp_path / "checkpoints/toy/whole/checkpoint.pt")
+    again = tmp_path / "checkpoints/toy/again/checkpoint.pt"
+    for key in ("G", "model", "optimizer", "step"):
+        assert_same_tensors(whole[key], load(again)[key])
+    finished = again.read_bytes()
+    out = run("train.py", *common, "--dname", "again").stdout
+    assert "Nothing to do" in out and again.read_bytes() == finished
+
+
+@pytest.mark.parametrize("record", [None, "aligned"])
+def test_continuing_keeps_the_files_time_label_convention(run, tmp_path, record):
+    """train.py --checkpoint_to_continue writes the convention of the file it continues: a file of the
+    original (no record) keeps its i * time_scale labels."""
+    ckpt = {"G": toy_u.make_model().state_dict(), "n_timesteps": 8, "time_scale": 1}
+    if record is not None:
+        ckpt["time_labels"] = record
+    torch.save(ckpt, tmp_path / "start.pt")
+    run("train.py", "--name", "toy", "--dname", "continued", "--num_timesteps", 8, "--num_iters", 2,
+        "--checkpoint_to_continue", "start.pt", *TOY)
+    assert load(tmp_path / "checkpoints/toy/continued/checkpoint.pt")["time_labels"] == (record or "original")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
