@@ -2,9 +2,13 @@
 """`make demo`: sample the shipped digits models and print their evaluation.
 
 Writes images/digits_demo.png — the base model with all its steps | the base model with 8 steps | the
-distilled 8-step | 4-step | 1-step models, all deterministic (DDIM) from the same noise, so each column
-shows the same digit — and one PNG per panel
+distilled 8-step | 4-step | 1-step models, by default all deterministic (DDIM, no clipping) from the
+same noise, so each column shows the same digit — and one PNG per panel
 (images/digits_<panel>.png), then prints checkpoints/digits/evaluation.md.
+
+The sampling flags are sample.py's and evaluate.py's: --sampler (and --eta, --clipping_value) samples
+every panel; --steps, --step_schedule, --step_indices or --time_scale choose the steps of the second
+panel, the base model with few steps (unset: 8 steps through --time_scale N/8, the original's way).
 """
 import os
 
@@ -12,29 +16,34 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
-from cli import ArgumentParser, UserError, main_guard, positive_int
-from script_utils import (choose_device, image_noise, load_model_from_checkpoint, load_user_module,
-                          make_sampling_diffusion)
+from cli import ArgumentParser, UserError, main_guard, seed_value
+from sample_utils import add_sampler_arguments, generate, nfe, sampler_from_args
+from script_utils import choose_device, load_model_from_checkpoint, load_user_module, make_sampling_diffusion
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = os.path.join(ROOT, "checkpoints", "digits")
 ZOOM = 4  # pixels per digit pixel in the pictures
+LABELS = {"ancestral": "ancestral", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "stochastic": "stochastic"}
 
 
-def panels(base_steps):
-    """(file name, caption, checkpoint folder, time_scale, sampler) of each panel."""
-    return [("base", f"base, {base_steps} steps (DDIM)", "original", 1, "ddim"),
-            ("base_8_steps", "base, 8 steps (DDIM)", "original", base_steps // 8, "ddim"),
-            ("distilled_8_steps", "distilled, 8 steps", "base_3", 1, "ddim"),
-            ("distilled_4_steps", "distilled, 4 steps", "base_4", 1, "ddim"),
-            ("distilled_1_step", "distilled, 1 step", "base_6", 1, "ddim")]
+def panels(base_steps, spec):
+    """(file name, model, checkpoint folder, spec) of each panel, all with the sampler of `spec`; a file
+    name of None is <model>_<steps>_steps."""
+    every_step = spec._replace(steps=0, schedule="time", time_scale=1)
+    few = spec if (spec.steps, spec.schedule, spec.time_scale) != (0, "time", 1) else every_step._replace(
+        time_scale=base_steps // 8)
+    return [("base", "base", "original", every_step), (None, "base", "original", few),
+            (None, "distilled", "base_3", every_step), (None, "distilled", "base_4", every_step),
+            (None, "distilled", "base_6", every_step)]
 
 
-def sample_panel(module, folder, time_scale, sampler, noise, device):
+def sample_panel(module, folder, spec, args, device):
+    """(images in [-1, 1], number of steps) of one panel."""
     model, ckpt = load_model_from_checkpoint(module, os.path.join(SHIPPED, folder, "checkpoint.pt"), device)
-    diffusion = make_sampling_diffusion(model, ckpt, time_scale, clipped=sampler == "ddim", device=device)
-    samples = diffusion.p_sample_loop(noise, clip_denoised=sampler == "ancestral")
-    return samples.clamp(-1, 1).cpu()
+    diffusion = make_sampling_diffusion(model, ckpt, spec.time_scale, device=device)
+    samples = generate(diffusion, spec, range(args.num_images), list(model.image_size[1:]), args.seed,
+                       device=device, chunk_size=args.chunk_size)
+    return samples.clamp(-1, 1), nfe(spec, diffusion)
 
 
 def to_picture(samples, nrow):
@@ -59,23 +68,26 @@ def side_by_side(pictures, captions):
 @main_guard
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_images", type=positive_int, default=64, help="images per panel")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
-    parser.add_argument("--device", default="cpu", help="device to sample on")
+    add_sampler_arguments(parser, default_sampler="ddim")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the shared noise")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', ...")
     parser.add_argument("--out_dir", default=os.path.join(ROOT, "images"), help="where the pictures go")
     args = parser.parse_args(argv)
+    spec = sampler_from_args(args)
     device = choose_device(args.device)
     if not os.path.isfile(os.path.join(SHIPPED, "original", "checkpoint.pt")):
         raise UserError(f"the shipped digits checkpoints are missing from {SHIPPED}; run `make reproduce-digits`")
     module = load_user_module("digits_u")
     base_steps = int(torch.load(os.path.join(SHIPPED, "original", "checkpoint.pt"), weights_only=True)["n_timesteps"])
-    noise = image_noise(range(args.num_images), [1, 8, 8], args.seed).to(device)
     nrow = max(1, int(args.num_images ** 0.5))
     os.makedirs(args.out_dir, exist_ok=True)
     pictures, captions = [], []
-    for name, caption, folder, time_scale, sampler in panels(base_steps):
-        torch.manual_seed(args.seed)
-        picture = to_picture(sample_panel(module, folder, time_scale, sampler, noise, device), nrow)
+    for name, model, folder, panel_spec in panels(base_steps, spec):
+        samples, steps = sample_panel(module, folder, panel_spec, args, device)
+        steps_text = f"{steps} step{'s' if steps > 1 else ''}"
+        name = name or f"{model}_{steps_text.replace(' ', '_')}"
+        caption = f"{model}, {steps_text} ({LABELS[spec.name]})"
+        picture = to_picture(samples, nrow)
         picture.save(os.path.join(args.out_dir, f"digits_{name}.png"))
         pictures.append(picture)
         captions.append(caption)

@@ -6,6 +6,7 @@ References
 - Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models", 2021 (Eq. 17, cosine schedule).
 - Ho et al., "Denoising Diffusion Probabilistic Models", 2020 (Eq. 6-7, the posterior q(x_{t-1}|x_t, x_0)).
 - Song et al., "Denoising Diffusion Implicit Models", 2021 (Eq. 12 and 16, DDIM with eta).
+The samplers themselves are samplers.py; p_sample_loop and the one-step methods are thin wrappers over them.
 
 Conventions (SPEC "Diffusion conventions"): N discrete steps, index i = 0..N-1 is continuous time
 (i+1)/N, index 0 the least noisy. Schedule tables are kept in float64; `_extract` indexes and casts them.
@@ -16,7 +17,8 @@ This module is the math only: it imports no training code.
 import math
 
 import torch
-from tqdm import tqdm
+
+import samplers
 
 TIME_LABELS = ("aligned", "original")
 SAMPLERS = ("ddpm", "clipped")
@@ -51,7 +53,8 @@ class GaussianDiffusion:
     """v-parameterised diffusion over `net` (which maps (z, time label, **extra_args) to v).
 
     time_scale: how many base-model steps one step of this model spans.
-    sampler: "ddpm" (ancestral, the original's default) or "clipped" (DDIM with x and eps clipping).
+    sampler: the sampler of p_sample_loop, the original's names: "ddpm" (ancestral, its default) or
+        "clipped" (DDIM with x and eps clipping). samplers.SAMPLERS holds the whole family.
     time_labels: "aligned" feeds the network (i+1)*time_scale - 1, the base index of the same noise
         level; "original" feeds i*time_scale, as the original implementation did (SPEC "Time labels").
     """
@@ -69,17 +72,10 @@ class GaussianDiffusion:
         betas = betas.to(torch.float64)
         self.num_timesteps = int(betas.shape[0])
         alphas_cumprod = torch.cumprod(1 - betas, 0)
-        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         self.betas = betas
         self.alphas_cumprod = alphas_cumprod
-        self.alphas_cumprod_prev = alphas_cumprod_prev
         self.sqrt_alphas_cumprod = alphas_cumprod.sqrt()  # alpha_i
         self.sqrt_one_minus_alphas_cumprod = (1 - alphas_cumprod).sqrt()  # sigma_i
-        # Posterior q(x_{i-1} | x_i, x_0), Ho et al. Eq. 6-7.
-        self.posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
-        self.posterior_log_variance_clipped = self.posterior_variance.clamp(min=1e-20).log()
-        self.posterior_mean_coef1 = betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod)
-        self.posterior_mean_coef2 = (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod)
 
     # -- tables and the network -------------------------------------------------------------
 
@@ -126,42 +122,30 @@ class GaussianDiffusion:
         v = self.predict_v(x_0, noise, alpha, sigma).float()
         return _reduce((v_pred - v) ** 2, reduction)
 
-    # -- sampling ---------------------------------------------------------------------------
+    # -- sampling: the original's one-step methods and p_sample_loop, over samplers.py ----------
+    # t holds one step index for the whole batch, as in sampling; index -1 is clean data.
 
     def q_posterior(self, x_0, x_t, t):
-        mean = _extract(self.posterior_mean_coef1, t, x_t) * x_0 + _extract(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _extract(self.posterior_variance, t, x_t), _extract(self.posterior_log_variance_clipped, t, x_t)
+        """Mean, variance and log-variance (clipped at 1e-20) of q(x_{t-1} | x_t, x_0), Ho et al. Eq. 6-7."""
+        i = int(t[0])
+        c_x, c_z, variance = samplers.posterior(*samplers.alpha_sigma(self, x_t, i - 1),
+                                                *samplers.alpha_sigma(self, x_t, i))
+        return c_x * x_0 + c_z * x_t, variance, variance.clamp(min=1e-20).log()
 
     def p_mean_variance(self, x, t, extra_args, clip_denoised=True):
-        alpha, sigma = self.get_alpha_sigma(x, t)
-        x_recon = self.predict_start_from_v(x, self.inference(x, t, extra_args), alpha, sigma)
-        if clip_denoised:
-            x_recon = x_recon.clamp(-1, 1)
+        x_recon = samplers.predict_x(self, x, int(t[0]), extra_args, clip_value=1.0 if clip_denoised else None)
         return self.q_posterior(x_recon, x, t)
 
     def p_sample_ddpm(self, x, t, extra_args, clip_denoised=True, **_):
-        """One ancestral step from the posterior with x clipped to [-1, 1]; no noise at index 0."""
-        mean, _, log_var = self.p_mean_variance(x, t, extra_args, clip_denoised)
-        nonzero = (t != 0).to(mean.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return mean + nonzero * (0.5 * log_var).exp() * torch.randn_like(mean)
+        """One ancestral step (samplers.ancestral_step) with x clipped to [-1, 1]; no noise at index 0."""
+        i = int(t[0])
+        return samplers.ancestral_step(self, x, i, i - 1, extra_args, lambda: torch.randn_like(x), clip_denoised)[0]
 
     def p_sample_clipped(self, x, t, extra_args, eta=0.0, clip_denoised=True, clip_value=1.2):
-        """One DDIM step (Song et al. Eq. 12, sigma from Eq. 16 scaled by eta) with x and eps clipped."""
-        alpha, sigma = self.get_alpha_sigma(x, t)
-        x_recon = self.predict_start_from_v(x, self.inference(x, t, extra_args), alpha, sigma)
-        if clip_denoised:
-            x_recon = x_recon.clamp(-clip_value, clip_value)
-        eps = (x - alpha * x_recon) / sigma
-        if clip_denoised:
-            eps = eps.clamp(-clip_value, clip_value)
-        if int(t[0]) == 0:
-            return x_recon
-        alpha_prev, sigma_prev = self.get_alpha_sigma(x, t - 1)
-        ddim_sigma = eta * (sigma_prev / sigma) * (1 - alpha ** 2 / alpha_prev ** 2).sqrt()
-        out = alpha_prev * x_recon + (sigma_prev ** 2 - ddim_sigma ** 2).sqrt() * eps
-        if eta:
-            out = out + ddim_sigma * torch.randn_like(out)
-        return out
+        """One DDIM step (samplers.ddim_step) with x and eps clipped at clip_value."""
+        i = int(t[0])
+        return samplers.ddim_step(self, x, i, i - 1, extra_args, lambda: torch.randn_like(x), eta,
+                                  clip_value if clip_denoised else None)[0]
 
     def p_sample(self, x, t, extra_args, eta=0.0, clip_denoised=True, clip_value=1.2):
         if self.sampler == "ddpm":
@@ -170,24 +154,26 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample_loop(self, x, extra_args=None, eta=0.0, clip_value=1.2, clip_denoised=True,
-                      callback=None, progress=False):
-        """Sample from noise x through all N steps, index N-1 down to 0.
+                      callback=None, progress=False, noise=None):
+        """Sample from noise x through all N steps, index N-1 down to 0, with this diffusion's sampler:
+        samplers.sample_ancestral for "ddpm", samplers.sample_ddim (eta, clipping at clip_value) for
+        "clipped"; clip_denoised=False turns the clipping off.
 
-        callback(i, x_i) is called after each step with the new state (for trajectory pictures).
-        The state is kept in float64 between steps, as in the original; the result has x's dtype.
+        callback(i, x_i) is called after each step with the new state (for trajectory pictures);
+        noise(step_number, like) gives each step's noise (None: torch.randn_like). The state is kept
+        in float64 between steps, as in the original; the result has x's dtype.
         """
-        extra_args = extra_args or {}
+        steps = range(self.num_timesteps - 1, -1, -1)
+        on_step = None if callback is None else (lambda k, i, state, x_hat: callback(i, state))
         was_training = self.net_.training
         self.net_.eval()
-        state = x.double()
-        steps = reversed(range(self.num_timesteps))
-        for i in tqdm(steps, total=self.num_timesteps, disable=not progress, desc="sampling", leave=False):
-            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            state = self.p_sample(state, t, extra_args, eta=eta, clip_denoised=clip_denoised, clip_value=clip_value)
-            if callback is not None:
-                callback(i, state)
+        if self.sampler == "ddpm":
+            out = samplers.sample_ancestral(self, x, steps, extra_args, on_step, progress, noise, clip=clip_denoised)
+        else:
+            out = samplers.sample_ddim(self, x, steps, extra_args, on_step, progress, noise, eta=eta,
+                                       clip_value=clip_value if clip_denoised else None)
         self.net_.train(was_training)
-        return state.to(x.dtype)
+        return out
 
 
 class GaussianDiffusionDefault(GaussianDiffusion):
@@ -197,6 +183,10 @@ class GaussianDiffusionDefault(GaussianDiffusion):
         super().__init__(*args, **kwargs)
         if weighting not in DISTILL_WEIGHTINGS:
             raise ValueError(f"unknown distillation weighting {weighting!r}; choose one of {DISTILL_WEIGHTINGS}")
+        if not math.isfinite(gamma):
+            raise ValueError(f"gamma must be a finite number, got {gamma}")
+        if gamma and weighting == "truncated_snr":
+            raise ValueError("gamma weights the v error; the truncated_snr weighting has none (use gamma 0)")
         self.weighting = weighting
         self.gamma = gamma
 
@@ -248,9 +238,11 @@ class GaussianDiffusionDefault(GaussianDiffusion):
     def distill_loss(self, student_diffusion, x, t, extra_args, eps=None, reduction="mean"):
         """Loss of the student (N/2 steps) against this teacher's two-step target at student index t//2.
 
-        Weightings: "snr+1" - MSE in v space (x error weighted by 1/sigma^2 = SNR+1), times the
-            original's (1 + alpha/sigma)^gamma; "truncated_snr" - max(SNR, 1) times the x error
-            (the paper's choice); "original" - the original implementation's clipped target in v space.
+        Weightings: "snr+1" - MSE in v space (x error weighted by 1/sigma^2 = SNR+1); "truncated_snr" -
+            max(SNR, 1) times the x error (the "truncated SNR" weighting of Salimans & Ho); "original" -
+            the original implementation's clipped target in v space. With gamma g (snr+1 and original)
+            the v error is the original's mse(w v_student, w v_target) with w = (1 + alpha/sigma)^g,
+            i.e. the squared error times w^2 = (1 + alpha/sigma)^(2g).
         """
         if eps is None:
             eps = torch.randn_like(x, dtype=torch.float64)
@@ -263,8 +255,8 @@ class GaussianDiffusionDefault(GaussianDiffusion):
             weight = (alpha_s ** 2 / sigma_s ** 2).clamp(min=1).float()
             return _reduce(weight * (x_student - x_target.float()) ** 2, reduction)
         v_target = ((alpha_s * z - x_target) / sigma_s).float()
-        weight = (1 + alpha_s / sigma_s).pow(self.gamma).float() if self.gamma else 1.0
-        return _reduce(weight * (v_student - v_target) ** 2, reduction)
+        weight_squared = (1 + alpha_s / sigma_s).pow(2 * self.gamma).float() if self.gamma else 1.0
+        return _reduce(weight_squared * (v_student - v_target) ** 2, reduction)
 
 
 def _reduce(squared_error, reduction):

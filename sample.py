@@ -4,9 +4,13 @@
     python sample.py --out_file ./images/celeba_u_6.png --module celeba_u \
         --checkpoint ./checkpoints/celeba/base_6/checkpoint.pt --batch_size 1
 
---time_scale k samples with N/k steps. Under torchrun the images are shared out over the processes;
-image i always starts from the same noise (seeded by --seed and i), whatever the number of processes.
+The default sampler is the original's ancestral one; --sampler chooses any of the family (ddim,
+dpmpp_2m, stochastic), --steps or --step_indices the steps it visits, --time_scale k samples with N/k
+steps as the original did. Under torchrun the images are shared out over the processes; image i always
+gets the same noise, at the start and at every step (seeded by --seed and i), whatever the number of
+processes, the batch or the chunk size.
 """
+import argparse
 import math
 import os
 
@@ -15,12 +19,13 @@ import torch
 import torch.distributed as dist
 import torchvision
 
+import samplers
 from cli import ArgumentParser, UserError, main_guard, positive_int, str2bool
 from script_utils import (add_common_arguments, checkpoint_channel_order, extra_args_fn,
                           image_noise, load_model_from_checkpoint, load_user_module,
                           make_sampling_diffusion)
 from runtime import AMP_DTYPES, RunContext
-from sample_utils import trajectory_grid
+from sample_utils import add_sampler_arguments, describe, generate, sampler_from_args, trajectory_grid
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -31,14 +36,11 @@ def make_argument_parser():
     parser.add_argument("--checkpoint", required=True, help="checkpoint to sample from")
     parser.add_argument("--out_file", default="", help="PNG grid of the samples")
     parser.add_argument("--out_npz", default="", help="also write arr_0 (uint8 NHWC) and samples (float32 NCHW in [-1, 1])")
-    parser.add_argument("--batch_size", type=positive_int, default=1, help="number of images")
-    parser.add_argument("--chunk_size", type=positive_int, default=256, help="images per network call")
+    add_sampler_arguments(parser, default_sampler="ancestral")
+    parser.add_argument("--batch_size", dest="num_images", type=positive_int, default=argparse.SUPPRESS,
+                        help="the original's name of --num_images")
     parser.add_argument("--diffusion", default="GaussianDiffusion", choices=["GaussianDiffusion", "GaussianDiffusionDefault"],
                         help="accepted for the original's command lines; both sample the same way")
-    parser.add_argument("--time_scale", type=positive_int, default=1, help="sample with n_timesteps/time_scale steps")
-    parser.add_argument("--clipped_sampling", type=str2bool, default=False, help="DDIM with x and eps clipping instead of ancestral sampling")
-    parser.add_argument("--clipping_value", type=float, default=1.2, help="clipping bound of the clipped sampler")
-    parser.add_argument("--eta", type=float, default=0.0, help="noise of the clipped sampler (0: deterministic DDIM)")
     parser.add_argument("--trajectory", type=str2bool, default=False, help="draw 5 rows: intermediate states and the result")
     parser.add_argument("--channel_order", default="auto", choices=["auto", "RGB", "BGR"],
                         help="channel order of the model's images; auto: as recorded, BGR for the original's files")
@@ -51,6 +53,7 @@ def make_argument_parser():
 @main_guard
 def main(argv=None):
     args = make_argument_parser().parse_args(argv)
+    spec = sampler_from_args(args)
     check_outputs(args)
     ctx = RunContext(args)
     module = load_user_module(args.module)
@@ -58,31 +61,28 @@ def main(argv=None):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
-    diffusion = make_sampling_diffusion(net, ckpt, args.time_scale, args.clipped_sampling, ctx.device)
+    diffusion = make_sampling_diffusion(net, ckpt, spec.time_scale, device=ctx.device)
     bgr = (checkpoint_channel_order(ckpt) if args.channel_order == "auto" else args.channel_order) == "BGR"
-    sample_kwargs = dict(extra_args=extra_args_fn(module)(None, None, ctx.device), eta=args.eta, clip_value=args.clipping_value)
+    extra_args = extra_args_fn(module)(None, None, ctx.device)
     shape = list(model.image_size[1:])
-    print(f"Model loaded: {diffusion.num_timesteps} steps at time scale {diffusion.time_scale}.")
+    print(f"Model loaded: {diffusion.num_timesteps} steps at time scale {diffusion.time_scale}; "
+          f"sampler {describe(spec, diffusion)}.")
 
-    torch.manual_seed(args.seed * 1_000_003 + ctx.rank)
     if args.trajectory:
-        with ctx.autocast():
-            grid = trajectory_grid(diffusion, image_noise(range(args.batch_size), shape, args.seed).to(ctx.device),
-                                   bgr=bgr, progress=True, **sample_kwargs)
         if ctx.is_main:
+            images = range(args.num_images)
+            with ctx.autocast():
+                grid = trajectory_grid(diffusion, image_noise(images, shape, args.seed).to(ctx.device), bgr=bgr,
+                                       spec=spec, step_noise=samplers.per_image_noise(images, args.seed),
+                                       extra_args=extra_args, progress=True)
             save_png(grid, args.out_file)
         return finish(ctx)
 
-    mine = list(range(ctx.rank, args.batch_size, ctx.world_size))
-    samples = []
-    for start in range(0, len(mine), args.chunk_size):
-        noise = image_noise(mine[start:start + args.chunk_size], shape, args.seed).to(ctx.device)
-        if args.channels_last:
-            noise = noise.contiguous(memory_format=torch.channels_last)
-        with ctx.autocast():
-            samples.append(diffusion.p_sample_loop(noise, progress=ctx.is_main, **sample_kwargs).float().cpu())
-    samples = torch.cat(samples) if samples else torch.zeros([0] + shape)
-    samples = gather_in_order(ctx, samples, args.batch_size)
+    mine = range(ctx.rank, args.num_images, ctx.world_size)
+    with ctx.autocast():
+        samples = generate(diffusion, spec, mine, shape, args.seed, extra_args=extra_args, device=ctx.device,
+                           chunk_size=args.chunk_size, channels_last=args.channels_last, progress=ctx.is_main)
+    samples = gather_in_order(ctx, samples, args.num_images)
     if ctx.is_main:
         if bgr and samples.shape[1] == 3:
             samples = samples.flip(1)

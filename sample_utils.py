@@ -1,20 +1,175 @@
-"""Drawing images from a model as the scripts do (sample.py, evaluate.py, demo.py, the training logs)."""
+"""Drawing images from a model as the scripts do (sample.py, evaluate.py, demo.py, the training logs).
+
+One vocabulary for every script: `add_sampler_arguments` adds the flags, `sampler_from_args` turns them
+into a `SamplerSpec` (a sampler of samplers.SAMPLERS, its options, the steps it visits), and `generate`
+draws the images `indices`. Image i depends only on (seed, i): its starting noise is
+script_utils.image_noise(i, seed) and each step's noise samplers.per_image_noise(i, seed), so a picture
+does not change with the batch, the chunk size or the number of processes.
+"""
+from typing import NamedTuple
+
 import torch
 import torchvision
 
+import samplers
+from cli import UserError, index_list, nonnegative_float, nonnegative_int, positive_int, str2bool, unit_interval
+from script_utils import image_noise
 
-def trajectory_grid(diffusion, noise, captures=5, bgr=False, **sample_kwargs):
+SAMPLER_NAMES = ("ancestral", "ddpm", "ddim", "dpmpp_2m", "stochastic")
+ALIASES = {"ddpm": "ancestral"}  # the original's name of its ancestral sampler
+ORIGINAL_CLIPPING_VALUE = 1.2  # the original's --clipping_value of --clipped_sampling True
+
+
+class SamplerSpec(NamedTuple):
+    """How to sample. name: a key of samplers.SAMPLERS; options: its keyword options (ddim: eta,
+    clip_value); steps: network calls per image (0: every step of the diffusion); schedule: "time",
+    "logsnr" or a tuple of step indices (samplers.select_steps); time_scale: sample the coarse diffusion
+    of N/time_scale steps (the original's --time_scale; script_utils.make_sampling_diffusion)."""
+    name: str
+    options: dict
+    steps: int = 0
+    schedule: object = "time"
+    time_scale: int = 1
+
+
+def add_sampler_arguments(parser, default_sampler):
+    """The sampling flags that sample.py, evaluate.py and demo.py share (same names, same defaults)."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--sampler", default=default_sampler, choices=SAMPLER_NAMES,
+                       help="ancestral (the original's ddpm): the posterior with x clipped to [-1, 1]; ddim: "
+                            "DDIM with --eta and --clipping_value; dpmpp_2m: DPM-Solver++(2M); stochastic: "
+                            "the N-step stochastic sampler of Meng et al. 2023")
+    group.add_argument("--steps", type=nonnegative_int, default=0,
+                       help="network calls per image, i.e. step indices visited (0: every step of the model)")
+    group.add_argument("--step_schedule", default="time", choices=samplers.STEP_SCHEDULES,
+                       help="which indices --steps visits: time-uniform (every k-th, ending at k-1) or uniform in log-SNR")
+    group.add_argument("--step_indices", type=index_list, default=None,
+                       help="visit exactly these step indices, e.g. 127,63,31,0 (instead of --steps and --step_schedule)")
+    group.add_argument("--time_scale", type=positive_int, default=1,
+                       help="sample the model as one of N/k steps on its own schedule (the original's flag); "
+                            "--steps and --step_indices then refer to those N/k steps")
+    group.add_argument("--eta", type=unit_interval, default=0.0,
+                       help="ddim only (refused with the others): noise in [0, 1], 0 deterministic, 1 the ancestral posterior's")
+    group.add_argument("--clipping_value", type=nonnegative_float, default=None,
+                       help="ddim only (refused with the others): clip the x and eps predictions at +-value, "
+                            f"0 = no clipping; unset: {ORIGINAL_CLIPPING_VALUE} with --clipped_sampling True, else none")
+    group.add_argument("--clipped_sampling", type=str2bool, default=False,
+                       help=f"the original's clipped sampler: --sampler ddim with --clipping_value {ORIGINAL_CLIPPING_VALUE}")
+    group.add_argument("--chunk_size", type=positive_int, default=256, help="images per network call")
+    group.add_argument("--num_images", type=positive_int, default=64, help="number of images")
+
+
+def sampler_from_args(args):
+    """The SamplerSpec of parsed add_sampler_arguments flags; a flag the chosen sampler ignores is refused."""
+    name = ALIASES.get(args.sampler, args.sampler)
+    if args.clipped_sampling:
+        if name not in ("ancestral", "ddim"):
+            raise UserError(f"--clipped_sampling True is the original's clipped DDIM; it cannot be combined "
+                            f"with --sampler {args.sampler}")
+        name = "ddim"
+    options = {}
+    if name == "ddim":
+        clip = args.clipping_value
+        if clip is None:
+            clip = ORIGINAL_CLIPPING_VALUE if args.clipped_sampling else 0.0
+        options = {"eta": args.eta, "clip_value": clip or None}
+    elif args.eta != 0.0 or args.clipping_value is not None:
+        flag = "--eta" if args.eta != 0.0 else "--clipping_value"
+        raise UserError(f"--sampler {args.sampler} ignores {flag}; it applies to --sampler ddim only")
+    schedule = args.step_schedule
+    if args.step_indices is not None:
+        if args.step_schedule != "time":
+            raise UserError("--step_schedule chooses the indices of --steps; --step_indices gives them itself")
+        if args.steps not in (0, len(args.step_indices)):
+            raise UserError(f"--steps {args.steps} but {len(args.step_indices)} --step_indices; give one of them")
+        schedule = tuple(args.step_indices)
+    return SamplerSpec(name, options, args.steps, schedule, args.time_scale)
+
+
+def own_sampler(diffusion):
+    """The spec of the diffusion's own p_sample_loop sampler: the original's ddpm, or its clipped DDIM."""
+    if diffusion.sampler == "ddpm":
+        return SamplerSpec("ancestral", {})
+    return SamplerSpec("ddim", {"eta": 0.0, "clip_value": ORIGINAL_CLIPPING_VALUE})
+
+
+def spec_steps(spec, diffusion):
+    """The step indices `spec` visits on `diffusion`, high to low (UserError for ones it does not have)."""
+    try:
+        return samplers.select_steps(diffusion, spec.steps, spec.schedule)
+    except ValueError as e:
+        raise UserError(f"cannot choose the sampling steps: {e}") from None
+
+
+def nfe(spec, diffusion):
+    """Network calls per image of `spec` on `diffusion`."""
+    return samplers.nfe(spec_steps(spec, diffusion))
+
+
+def describe(spec, diffusion):
+    """A short label, e.g. 'ddim (eta 0.5, clip 1.2), 8 of 128 steps'."""
+    options = ", ".join(f"{'clip' if key == 'clip_value' else key} {value:g}" for key, value in spec.options.items()
+                        if value is not None)
+    return f"{spec.name}{f' ({options})' if options else ''}, {nfe(spec, diffusion)} of {diffusion.num_timesteps} steps"
+
+
+def sample_batch(diffusion, spec, x, steps, extra_args=None, noise=None, callback=None, progress=False):
+    """spec's sampler from the starting noise x over `steps`, the network in eval mode meanwhile."""
+    net = diffusion.net_
+    was_training = net.training
+    net.eval()
+    try:
+        return samplers.SAMPLERS[spec.name](diffusion, x, steps, extra_args, callback, progress, noise, **spec.options)
+    finally:
+        net.train(was_training)
+
+
+def generate(diffusion, spec, indices, shape, seed, extra_args=None, device="cpu", chunk_size=256,
+             channels_last=False, progress=False, callback=None):
+    """The images `indices` as a float32 CPU tensor [len(indices), C, H, W], unclamped.
+
+    Image i starts from image_noise(i, seed) and draws its step noise from per_image_noise(i, seed): it
+    depends only on (seed, i). extra_args: the network's keyword arguments; a tensor whose first
+    dimension is len(indices) holds one row per image and is cut into the same chunks. callback:
+    samplers' callback(step_number, index, state, x_hat), called for each chunk.
+    """
+    indices = list(indices)
+    steps = spec_steps(spec, diffusion)
+    out = []
+    for start in range(0, len(indices), chunk_size):
+        chunk = indices[start:start + chunk_size]
+        x = image_noise(chunk, shape, seed).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        chunk_args = {key: value[start:start + len(chunk)] if _per_image(value, len(indices)) else value
+                      for key, value in (extra_args or {}).items()}
+        images = sample_batch(diffusion, spec, x, steps, chunk_args, samplers.per_image_noise(chunk, seed),
+                              callback, progress)
+        out.append(images.float().cpu())
+    return torch.cat(out) if out else torch.zeros([0] + list(shape))
+
+
+def _per_image(value, count):
+    return torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == count
+
+
+def trajectory_grid(diffusion, noise, captures=5, bgr=False, spec=None, step_noise=None, extra_args=None,
+                    progress=False):
     """Sample from `noise`; return a CHW grid in [0, 1] with one row per captured step, the last row
-    the final images (the original's visualisation). bgr=True flips channels for display."""
-    n = diffusion.num_timesteps
+    the final images (the original's visualisation). spec: the sampler (default: the diffusion's own,
+    own_sampler); step_noise: samplers' noise(step_number, like) (default: torch.randn_like).
+    bgr=True flips channels for display."""
+    spec = spec or own_sampler(diffusion)
+    steps = spec_steps(spec, diffusion)
+    n = len(steps)
     capture_at = {round(k * (n - 1) / (captures - 1)) for k in range(captures - 1)} if captures > 1 else set()
     rows = []
 
-    def callback(i, x):
-        if n - 1 - i in capture_at and i != 0:
-            rows.append(x.float().cpu())
+    def callback(k, i, state, x_hat):
+        if k in capture_at and k != n - 1:
+            rows.append(state.float().cpu())
 
-    final = diffusion.p_sample_loop(noise, callback=callback, **sample_kwargs)
+    final = sample_batch(diffusion, spec, noise, steps, extra_args, step_noise, callback, progress)
     images = torch.cat(rows + [final.float().cpu()], dim=0)
     if bgr and images.shape[1] == 3:
         images = images.flip(1)

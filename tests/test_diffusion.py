@@ -170,16 +170,28 @@ def test_v_parameterisation_identities():
     assert torch.allclose(sigma * z + alpha * v, eps, atol=1e-10)
 
 
-def test_p_loss_is_zero_for_the_true_v_and_per_sample_on_request():
+def hand_alpha_sigma(n):
+    """alpha_i = sqrt(prod_{k <= i} (1 - beta_k)), sigma_i = sqrt(1 - alpha_i^2), from the betas alone."""
+    betas = make_beta_schedule("cosine", n).tolist()
+    alphas, sigmas, product = [], [], 1.0
+    for beta in betas:
+        product *= 1 - beta
+        alphas.append(product ** 0.5)
+        sigmas.append((1 - product) ** 0.5)
+    return betas, alphas, sigmas
+
+
+def test_p_loss_is_zero_for_the_true_v_and_the_mean_square_of_v_for_a_zero_network():
+    _, a, s = hand_alpha_sigma(16)
     diffusion = GaussianDiffusion(None, make_beta_schedule("cosine", 16))
-    x, eps, t = torch.randn(8, 1, 2, 2), torch.randn(8, 1, 2, 2), torch.arange(8)
-    alpha, sigma = diffusion.get_alpha_sigma(x, t)
-    true_v = diffusion.predict_v(x.double(), eps.double(), alpha, sigma).float()
+    x, eps, t = torch.randn(8, 1, 2, 2), torch.randn(8, 1, 2, 2), torch.arange(0, 16, 2)
+    true_v = torch.stack([a[i] * eps[b] - s[i] * x[b] for b, i in enumerate(t.tolist())])  # alpha eps - sigma x
     diffusion.net_ = lambda z, label: true_v
     assert diffusion.p_loss(x, t, {}, noise=eps) < 1e-12
     diffusion.net_ = lambda z, label: torch.zeros_like(z)
     per_sample = diffusion.p_loss(x, t, {}, noise=eps, reduction="none")
-    assert per_sample.shape == (8,) and torch.isclose(per_sample.mean(), diffusion.p_loss(x, t, {}, noise=eps))
+    assert torch.allclose(per_sample, (true_v ** 2).flatten(1).mean(1), rtol=1e-6)
+    assert diffusion.p_loss(x, t, {}, noise=eps).item() == pytest.approx((true_v ** 2).mean().item(), rel=1e-6)
 
 
 class ZeroNet(nn.Module):
@@ -187,23 +199,37 @@ class ZeroNet(nn.Module):
         return torch.zeros_like(z)
 
 
-def test_ddpm_sampler_is_seeded_and_ends_without_noise():
+def test_ddpm_step_with_a_zero_network_by_hand():
+    """v = 0 predicts x = alpha_i z (clipped to [-1, 1]); the ancestral step draws from the posterior
+    q(x_{i-1} | x_i, x) of Ho et al. Eq. 7 (coefficients from the betas), and at index 0 adds no noise."""
+    betas, a, s = hand_alpha_sigma(8)
     diffusion = GaussianDiffusion(ZeroNet(), make_beta_schedule("cosine", 8))
-    noise = torch.randn(4, 1, 3, 3)
-    torch.manual_seed(1)
-    a = diffusion.p_sample_loop(noise)
-    torch.manual_seed(1)
-    b = diffusion.p_sample_loop(noise)
-    assert torch.equal(a, b) and a.dtype == noise.dtype
-    # v = 0 predicts x = alpha z; at index 0 the posterior mean is returned without noise.
-    x = torch.randn(4, 1, 3, 3, dtype=torch.float64)
-    t = torch.zeros(4, dtype=torch.long)
-    mean, _, _ = diffusion.p_mean_variance(x, t, {})
-    assert torch.equal(diffusion.p_sample_ddpm(x, t, {}), mean)
+    z = 1.5 * torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    for i in (5, 1):
+        x_hat = (a[i] * z).clamp(-1, 1)
+        bar, bar_prev = a[i] ** 2, a[i - 1] ** 2
+        mean = betas[i] * bar_prev ** 0.5 / (1 - bar) * x_hat + (1 - bar_prev) * (1 - betas[i]) ** 0.5 / (1 - bar) * z
+        variance = betas[i] * (1 - bar_prev) / (1 - bar)
+        torch.manual_seed(3)
+        noise = torch.randn_like(z)
+        torch.manual_seed(3)
+        step = diffusion.p_sample_ddpm(z, torch.full((4,), i), {})
+        assert torch.allclose(step, mean + variance ** 0.5 * noise, rtol=1e-9, atol=1e-12)
+    assert torch.equal(diffusion.p_sample_ddpm(z, torch.zeros(4, dtype=torch.long), {}), (a[0] * z).clamp(-1, 1))
 
 
-def test_clipped_sampler_eta_adds_noise_only_when_asked():
+def test_clipped_ddim_loop_with_a_zero_network_by_hand_and_eta_adds_noise():
+    """eta = 0: z_{i-1} = alpha_{i-1} x + sigma_{i-1} eps with x = clip(alpha_i z) and eps = clip((z - alpha_i x)
+    / sigma_i) at +-1.2 (Song et al. Eq. 12); index 0 returns x. eta = 1 adds noise: another result."""
+    _, a, s = hand_alpha_sigma(8)
     diffusion = GaussianDiffusion(ZeroNet(), make_beta_schedule("cosine", 8), sampler="clipped")
-    noise = torch.randn(2, 1, 3, 3)
-    assert torch.equal(diffusion.p_sample_loop(noise, eta=0.0), diffusion.p_sample_loop(noise, eta=0.0))
-    assert not torch.equal(diffusion.p_sample_loop(noise, eta=1.0), diffusion.p_sample_loop(noise, eta=1.0))
+    noise = 2 * torch.randn(2, 1, 3, 3)
+    z = noise.double()
+    for i in reversed(range(8)):
+        x_hat = (a[i] * z).clamp(-1.2, 1.2)
+        eps = ((z - a[i] * x_hat) / s[i]).clamp(-1.2, 1.2)
+        z = x_hat if i == 0 else a[i - 1] * x_hat + s[i - 1] * eps
+    deterministic = diffusion.p_sample_loop(noise, eta=0.0)
+    assert torch.allclose(deterministic.double(), z, atol=1e-6)
+    torch.manual_seed(0)
+    assert not torch.allclose(diffusion.p_sample_loop(noise, eta=1.0), deterministic, atol=1e-3)

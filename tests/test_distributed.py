@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import torch
 
-from conftest import ROOT, TESTS
+import toy_u
+from conftest import ROOT, TESTS, run_script
 
 
 def torchrun(*args, cwd, nproc=2):
@@ -46,3 +47,15 @@ def test_train_resume_and_sample_under_torchrun(tmp_path):
     two, one = np.load(tmp_path / "two.npz")["samples"], np.load(tmp_path / "one.npz")["samples"]
     assert two.shape == (7, 2, 1, 1)
     np.testing.assert_allclose(two, one, atol=1e-6)  # image i gets the same noise whatever the split
+
+
+def test_ancestral_sampling_under_torchrun_equals_one_process(tmp_path):
+    """The original's default sampler draws fresh noise at every step: image i's must not depend on the split."""
+    torch.manual_seed(0)
+    torch.save({"G": toy_u.make_model().state_dict(), "n_timesteps": 16, "time_scale": 1}, tmp_path / "toy.pt")
+    sample = ["--module", "toy_u", "--checkpoint", "toy.pt", "--batch_size", 7, "--chunk_size", 2, "--device", "cpu"]
+    torchrun(os.path.join(ROOT, "sample.py"), *sample, "--out_npz", "two.npz", cwd=tmp_path)
+    run_script("sample.py", *sample, "--chunk_size", 7, "--out_npz", "one.npz", cwd=tmp_path)
+    two, one = np.load(tmp_path / "two.npz")["samples"], np.load(tmp_path / "one.npz")["samples"]
+    assert two.shape == (7, 2, 1, 1) and np.abs(one).max() > 0.1
+    np.testing.assert_allclose(two, one, atol=1e-6)
