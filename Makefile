@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test reproduce-digits bench clean-venv
+.PHONY: demo test evaluate reproduce-digits bench clean-venv
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ demo: $(VENV)/.installed  ## sample the shipped digits checkpoints and print the
 
 test: $(VENV)/.installed  ## the test suite (about 10 minutes on 2 CPU cores)
 	$(PY) -m pytest -q tests
+
+evaluate: $(VENV)/.installed  ## every measure against NFE for the shipped digits models: checkpoints/digits/evaluation.md, .csv, .png
+	$(PY) evaluate.py --module digits_u --checkpoints checkpoints/digits/original/checkpoint.pt \
+	    checkpoints/digits/base_*/checkpoint.pt --num_images 1000 --chunk_size 1000 --seed 0 --device cpu \
+	    --out checkpoints/digits/evaluation
 
 reproduce-digits: $(VENV)/.installed  ## rerun the whole digits chain from scratch (about 45 minutes on 2 CPU cores)
 	bash bench/reproduce_digits.sh

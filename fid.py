@@ -50,12 +50,13 @@ def fid_from_features(a, b):
     return frechet_distance(*feature_statistics(a), *feature_statistics(b))
 
 
-def _load_inception(device):
-    """pytorch-fid's InceptionV3 with the FID weights (downloaded on first use), in eval mode."""
+def load_inception(device):
+    """pytorch-fid's InceptionV3 with the FID weights (downloaded on first use), in eval mode.
+    Raises RuntimeError with a one-line reason when pytorch-fid or its weights are missing."""
     try:
         from pytorch_fid.inception import InceptionV3
     except ImportError:
-        raise RuntimeError("inception_features needs pytorch-fid: pip install pytorch-fid") from None
+        raise RuntimeError("Inception features need pytorch-fid: pip install pytorch-fid") from None
     try:
         model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[INCEPTION_DIM]])
     except OSError as err:
@@ -74,13 +75,14 @@ def _batches(images, batch_size):
 
 
 @torch.no_grad()
-def inception_features(images, device, batch_size=50):
+def inception_features(images, device, batch_size=50, model=None):
     """InceptionV3 pool3 features [N, 2048] (float64, CPU) of RGB images in [-1, 1].
 
     `images` is a tensor [N, 3, H, W] or an iterable of batches (e.g. a DataLoader of
-    (image, label)); images are resized to 299x299 inside the network.
+    (image, label)); images are resized to 299x299 inside the network. model: the network of
+    load_inception(device), to load it once for many calls (None: loaded here).
     """
-    model = _load_inception(device)
+    model = load_inception(device) if model is None else model
     features = []
     for batch in _batches(images, batch_size):
         batch = (batch.to(device, torch.float32) + 1) / 2  # pytorch-fid expects [0, 1]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole digits chain from scratch, with the commands that made the shipped checkpoints:
 # base model (128 steps) -> 7 halvings (64, 32, 16, 8, 4, 2, 1 steps) -> slim float16 copies in
-# checkpoints/digits/ -> the evaluation table and plot. About 45 minutes on 2 CPU cores.
+# checkpoints/digits/ -> the evaluation table and plot (the command of `make evaluate`). About 45 minutes on
+# 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,4 +18,4 @@ for stage in original base_0 base_1 base_2 base_3 base_4 base_5 base_6; do
   $PY export_checkpoint.py "checkpoints/$RUN/$stage/checkpoint.pt" "$OUT/$stage" --half True
 done
 $PY evaluate.py --module digits_u --checkpoints "$OUT"/original/checkpoint.pt "$OUT"/base_*/checkpoint.pt \
-  --num_samples 1000 --seed 0 --device cpu --out "$OUT/evaluation"
+  --num_images 1000 --chunk_size 1000 --seed 0 --device cpu --out "$OUT/evaluation"

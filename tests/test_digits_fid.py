@@ -92,7 +92,7 @@ def test_inception_features_data_flow(monkeypatch):
     def fake_inception(device):
         return lambda x: [x.mean(dim=(1, 2, 3), keepdim=True).expand(-1, fid.INCEPTION_DIM, 1, 1)]
 
-    monkeypatch.setattr(fid, "_load_inception", fake_inception)
+    monkeypatch.setattr(fid, "load_inception", fake_inception)
     images = torch.linspace(-1, 1, 7).reshape(7, 1, 1, 1).expand(7, 3, 4, 4)
     features = fid.inception_features(images, "cpu", batch_size=3)
     assert features.shape == (7, fid.INCEPTION_DIM) and features.dtype == torch.float64

@@ -1,0 +1,147 @@
+"""Yardsticks of sample quality beside FID (`fid.py`), all computed from feature sets [N, D] in float64.
+
+- KID (Bińkowski et al., "Demystifying MMD GANs", ICLR 2018): the unbiased estimate of the squared
+  maximum mean discrepancy (Gretton et al., "A Kernel Two-Sample Test", JMLR 2012, Lemma 6) with the
+  cubic polynomial kernel k(a, b) = (a.b/d + 1)^3, averaged over random subsets; its standard
+  deviation over the subsets is the error bar.
+- Density and coverage (Naeem et al., "Reliable Fidelity and Diversity Metrics for Generative
+  Models", ICML 2020, Sec. 3): balls around each real feature reaching its k-th nearest real
+  neighbour; density counts how many balls each sample falls in (divided by k), coverage the share of
+  real balls that hold at least one sample. For two samples of one distribution E[density] = 1 and
+  E[coverage] = 1 - prod_{j=1..k} (N - j)/(N + M - j) (their Lemma 2), about 1 - 2^-k for M = N.
+- Paired agreement: per-item distances between two aligned sets (a sample and the reference sample
+  drawn from the same noise), reported as mean and standard error.
+- Error bars of a statistic of a set against a fixed reference by the bootstrap, and the NFE at which a
+  curve reaches a target.
+"""
+import math
+
+import torch
+
+import seeding
+
+
+def _as_float64(x):
+    return torch.as_tensor(x).detach().to("cpu", torch.float64)
+
+
+# -- KID ---------------------------------------------------------------------------------------
+
+def polynomial_kernel(a, b):
+    """k(a, b) = (a.b / d + 1)^3 for all pairs of rows: [N, D] x [M, D] -> [N, M] (Bińkowski et al. 2018)."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(a, b):
+    """Unbiased MMD^2 between the rows of a [m, D] and b [n, D] (Gretton et al. 2012, Lemma 6):
+    sum_{i!=j} k(a_i, a_j)/(m(m-1)) + sum_{i!=j} k(b_i, b_j)/(n(n-1)) - 2 sum_{i,j} k(a_i, b_j)/(mn)."""
+    a, b = _as_float64(a), _as_float64(b)
+    m, n = a.shape[0], b.shape[0]
+    if m < 2 or n < 2:
+        raise ValueError(f"MMD^2 needs at least 2 rows in each set, got {m} and {n}")
+    k_aa, k_bb = polynomial_kernel(a, a), polynomial_kernel(b, b)
+    within_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))
+    within_b = (k_bb.sum() - k_bb.diagonal().sum()) / (n * (n - 1))
+    return float(within_a + within_b - 2 * polynomial_kernel(a, b).mean())
+
+
+def kid(a, b, subset_size=1000, n_subsets=100, seed=0):
+    """KID between feature sets a [N, D] and b [M, D]: (mean, standard deviation) of the unbiased MMD^2
+    over `n_subsets` random subsets of min(subset_size, N, M) rows of each set, drawn without
+    replacement and seeded by `seed`."""
+    a, b = _as_float64(a), _as_float64(b)
+    size = min(subset_size, a.shape[0], b.shape[0])
+    g = seeding.generator(seed, "kid-subsets")
+    values = torch.tensor([mmd2_unbiased(a[torch.randperm(a.shape[0], generator=g)[:size]],
+                                         b[torch.randperm(b.shape[0], generator=g)[:size]])
+                           for _ in range(n_subsets)], dtype=torch.float64)
+    return float(values.mean()), float(values.std()) if n_subsets > 1 else 0.0
+
+
+# -- density and coverage ----------------------------------------------------------------------
+
+def kth_neighbour_distances(x, k, block=1024):
+    """Distance from each row of x [N, D] to its k-th nearest other row, in blocks of rows (memory N x block)."""
+    x = _as_float64(x)
+    if x.shape[0] <= k:
+        raise ValueError(f"the k = {k}-th nearest neighbour needs more than {k} rows, got {x.shape[0]}")
+    # each row is at distance 0 from itself, the smallest value: the (k+1)-th smallest is the k-th other row
+    return torch.cat([torch.cdist(rows, x).kthvalue(k + 1, dim=1).values for rows in x.split(block)])
+
+
+def density_coverage(real, fake, k=5, block=1024, radii=None):
+    """(density, coverage) of the samples `fake` [M, D] against `real` [N, D] (Naeem et al. 2020, Sec. 3).
+
+    With B_i the ball around real_i of radius the distance to its k-th nearest real neighbour:
+    density = sum_j #{i: fake_j in B_i} / (k M), coverage = #{i: some fake_j in B_i} / N ("in": strictly
+    inside, as the authors' code). Computed in blocks of `block` samples; `radii`: the real set's
+    kth_neighbour_distances(real, k) when already known (they depend on the real set only)."""
+    real, fake = _as_float64(real), _as_float64(fake)
+    radii = kth_neighbour_distances(real, k, block) if radii is None else _as_float64(radii)
+    inside = 0
+    nearest = torch.full_like(radii, math.inf)
+    for rows in fake.split(block):
+        distances = torch.cdist(rows, real)  # [block, N]
+        inside += int((distances < radii).sum())
+        nearest = torch.minimum(nearest, distances.min(dim=0).values)
+    return inside / (k * fake.shape[0]), float((nearest < radii).double().mean())
+
+
+def expected_coverage(n_real, n_fake, k=5):
+    """E[coverage] for two samples of one continuous distribution (Naeem et al. 2020, Lemma 2):
+    1 - prod_{j=1..k} (N - j)/(N + M - j)."""
+    return 1 - math.prod((n_real - j) / (n_real + n_fake - j) for j in range(1, k + 1))
+
+
+# -- paired agreement ----------------------------------------------------------------------------
+
+def paired_distances(a, b):
+    """Euclidean distance between row i of a and row i of b, for images or features [N, ...] -> [N]."""
+    a, b = _as_float64(a), _as_float64(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired sets must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return (a - b).flatten(1).norm(dim=1)
+
+
+def paired_rmse(a, b):
+    """Root mean squared difference per item: ||a_i - b_i|| / sqrt(number of values per item) -> [N]."""
+    return paired_distances(a, b) / math.sqrt(_as_float64(a)[0].numel())
+
+
+def mean_and_standard_error(values):
+    """(mean, standard error = sample standard deviation / sqrt(n)) of a 1-D set of values."""
+    values = _as_float64(values).flatten()
+    if values.numel() < 2:
+        raise ValueError(f"a standard error needs at least 2 values, got {values.numel()}")
+    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+
+
+# -- error bars and curves -----------------------------------------------------------------------
+
+def bootstrap_std(statistic, a, b, n_draws=50, seed=0):
+    """Standard deviation of statistic(a*, b) over `n_draws` bootstrap resamples a* of the rows of a [N, D]
+    (N rows drawn with replacement; Efron & Tibshirani 1993, Sec. 6.2). b, the reference that every
+    compared set meets, stays fixed: the error bar of a comparison between sets measured against one reference."""
+    a, b = _as_float64(a), _as_float64(b)
+    g = seeding.generator(seed, "bootstrap")
+    draws = torch.tensor([statistic(a[torch.randint(a.shape[0], (a.shape[0],), generator=g)], b)
+                          for _ in range(n_draws)], dtype=torch.float64)
+    return float(draws.std()) if n_draws > 1 else 0.0
+
+
+def nfe_to_reach(curve, target):
+    """The NFE at which a curve [(nfe, value), ...] (lower is better) first reaches `target`,
+    interpolated linearly in log NFE between the last point above and the first point at or below it.
+    Returns (nfe, relation): "=" for an interpolated crossing, "<=" when the curve's first point is
+    already at or below the target (nfe: that point's NFE), ">" when no point reaches it (nfe: the
+    largest NFE of the curve)."""
+    points = sorted(curve)
+    if not points:
+        raise ValueError("an empty curve reaches nothing")
+    if points[0][1] <= target:
+        return points[0][0], "<="
+    for (n0, v0), (n1, v1) in zip(points, points[1:]):
+        if v1 <= target:
+            fraction = (v0 - target) / (v0 - v1)
+            return math.exp(math.log(n0) + fraction * (math.log(n1) - math.log(n0))), "="
+    return points[-1][0], ">"
