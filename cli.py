@@ -135,6 +135,14 @@ def index_list(value):
     return [int(part) for part in parts]
 
 
+def label_list(value):
+    """'0,1,1,9' -> [0, 1, 1, 9]: class labels, integers >= 0 separated by commas (repeats allowed)."""
+    parts = [part.strip() for part in str(value).split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected class labels (integers >= 0) separated by commas, got {value!r}")
+    return [int(part) for part in parts]
+
+
 def int_list(value):
     """'8,4,2' -> [8, 4, 2]: positive integers separated by commas."""
     parts = [part.strip() for part in str(value).split(",") if part.strip()]

@@ -25,8 +25,9 @@ import os
 import torch
 
 from cli import ArgumentParser, UserError, main_guard, str2bool
-from script_utils import (CHECKPOINT_NAME, checkpoint_channel_order, checkpoint_time_labels, clean_state_dict,
-                          load_checkpoint, load_user_module, load_weights, make_user_model, save_checkpoint)
+from script_utils import (CHECKPOINT_NAME, checkpoint_channel_order, checkpoint_conditioning, checkpoint_time_labels,
+                          clean_state_dict, load_checkpoint, load_user_module, load_weights, make_user_model,
+                          save_checkpoint)
 from unet import UNet
 
 TRAINING_STATE = ("model", "optimizer", "scaler", "bad_steps")
@@ -72,6 +73,9 @@ def for_original(ckpt, model, source):
     if model.in_channel != 3:
         raise UserError(f"--for_original True needs a 3-channel UNet: the original's UNet always outputs 3 channels, "
                         f"this one has {model.in_channel}")
+    if checkpoint_conditioning(ckpt):
+        raise UserError(f"{source} is a conditional model ({', '.join(sorted(checkpoint_conditioning(ckpt)))}); "
+                        "the original's UNet has no class or guidance input, so it cannot load it")
     load_weights(model, ckpt["G"], source)  # the weights fit this UNet
     time_scale = ckpt["time_scale"]
     offset = time_scale - 1 if checkpoint_time_labels(ckpt) == "aligned" else 0

@@ -9,6 +9,11 @@ dpmpp_2m, stochastic), --steps or --step_indices the steps it visits, --time_sca
 steps as the original did. Under torchrun the images are shared out over the processes; image i always
 gets the same noise, at the start and at every step (seeded by --seed and i), whatever the number of
 processes, the batch or the chunk size.
+
+A class-conditional model samples with classifier-free guidance: --guidance w (0: plain conditional) and
+--labels (default: the images spread over all classes, one class per row of the picture). A model trained
+with the conditioning dropped is sampled with v_w = (1 + w) v(z, c) - w v(z, null), two network calls per
+step; a guidance-distilled model takes w itself, one call per step. The checkpoint's record decides.
 """
 import argparse
 import math
@@ -20,9 +25,9 @@ import torch.distributed as dist
 import torchvision
 
 import samplers
-from cli import ArgumentParser, UserError, main_guard, positive_int, str2bool
-from script_utils import (add_common_arguments, checkpoint_channel_order, extra_args_fn,
-                          image_noise, load_model_from_checkpoint, load_user_module,
+from cli import ArgumentParser, UserError, label_list, main_guard, nonnegative_float, positive_int, str2bool
+from script_utils import (add_common_arguments, checkpoint_channel_order, checkpoint_conditioning, extra_args_fn,
+                          guided_network, image_noise, load_model_from_checkpoint, load_user_module,
                           make_sampling_diffusion)
 from runtime import AMP_DTYPES, RunContext
 from sample_utils import add_sampler_arguments, describe, generate, sampler_from_args, trajectory_grid
@@ -47,7 +52,49 @@ def make_argument_parser():
     parser.add_argument("--amp", default="no", choices=sorted(AMP_DTYPES), help="mixed precision for the network")
     parser.add_argument("--channels_last", type=str2bool, default=True, help="channels_last memory format (faster convolutions)")
     parser.add_argument("--compile", type=str2bool, default=False, help="torch.compile the network")
+    parser.add_argument("--guidance", type=nonnegative_float, default=None,
+                        help="conditional models: the classifier-free guidance weight w (0: plain conditional; "
+                             "default 0, or the lowest w a guidance-distilled model was trained for)")
+    parser.add_argument("--labels", type=label_list, default=None,
+                        help="conditional models: class labels, e.g. 0,1,2, spread over the images one per row "
+                             "(unset: all classes)")
     return parser
+
+
+def image_labels(labels, num_images):
+    """Label of each image: the listed labels in turn, each for ceil(num_images / len(labels)) images (one row
+    of the picture each). Returns (labels [num_images], images per row)."""
+    per_row = math.ceil(num_images / len(labels))
+    return torch.tensor([labels[i // per_row] for i in range(num_images)]), per_row
+
+
+def conditioning_args(args, module, ckpt, device):
+    """(extra_args for all images: y per image and w, images per picture row or None), checked against the
+    checkpoint's conditioning record."""
+    record = checkpoint_conditioning(ckpt)
+    if "num_classes" not in record:
+        if args.guidance is not None or args.labels is not None:
+            raise UserError(f"{args.checkpoint} is unconditional; --guidance and --labels need a class-conditional model")
+        return extra_args_fn(module)(None, None, device), None
+    k = record["num_classes"]
+    if args.labels is not None and max(args.labels) >= k:
+        raise UserError(f"--labels {max(args.labels)} is not a class of {args.checkpoint} (classes 0 to {k - 1})")
+    w_range = record.get("guidance_range")
+    w = args.guidance if args.guidance is not None else (w_range[0] if w_range is not None else 0.0)
+    if w_range is not None and not w_range[0] <= w <= w_range[1]:
+        raise UserError(f"--guidance {w:g} lies outside the range [{w_range[0]:g}, {w_range[1]:g}] that "
+                        f"{args.checkpoint} was distilled for")
+    labels, per_row = image_labels(args.labels if args.labels is not None else list(range(k)), args.num_images)
+    extra_args = dict(extra_args_fn(module)(None, labels, device))
+    extra_args["w"] = w
+    return extra_args, per_row
+
+
+def images_of(extra_args, indices):
+    """extra_args of the images `indices` (rows of the per-image tensors)."""
+    index = torch.as_tensor(list(indices), dtype=torch.long)
+    return {key: value[index.to(value.device)] if torch.is_tensor(value) and value.ndim else value
+            for key, value in extra_args.items()}
 
 
 @main_guard
@@ -61,9 +108,9 @@ def main(argv=None):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
-    diffusion = make_sampling_diffusion(net, ckpt, spec.time_scale, device=ctx.device)
+    diffusion = make_sampling_diffusion(guided_network(net, ckpt), ckpt, spec.time_scale, device=ctx.device)
     bgr = (checkpoint_channel_order(ckpt) if args.channel_order == "auto" else args.channel_order) == "BGR"
-    extra_args = extra_args_fn(module)(None, None, ctx.device)
+    extra_args, per_row = conditioning_args(args, module, ckpt, ctx.device)
     shape = list(model.image_size[1:])
     print(f"Model loaded: {diffusion.num_timesteps} steps at time scale {diffusion.time_scale}; "
           f"sampler {describe(spec, diffusion)}.")
@@ -74,13 +121,13 @@ def main(argv=None):
             with ctx.autocast():
                 grid = trajectory_grid(diffusion, image_noise(images, shape, args.seed).to(ctx.device), bgr=bgr,
                                        spec=spec, step_noise=samplers.per_image_noise(images, args.seed),
-                                       extra_args=extra_args, progress=True)
+                                       extra_args=images_of(extra_args, images), progress=True)
             save_png(grid, args.out_file)
         return finish(ctx)
 
     mine = range(ctx.rank, args.num_images, ctx.world_size)
     with ctx.autocast():
-        samples = generate(diffusion, spec, mine, shape, args.seed, extra_args=extra_args, device=ctx.device,
+        samples = generate(diffusion, spec, mine, shape, args.seed, extra_args=images_of(extra_args, mine), device=ctx.device,
                            chunk_size=args.chunk_size, channels_last=args.channels_last, progress=ctx.is_main)
     samples = gather_in_order(ctx, samples, args.num_images)
     if ctx.is_main:
@@ -88,7 +135,7 @@ def main(argv=None):
             samples = samples.flip(1)
         samples = samples.clamp(-1, 1)
         if args.out_file:
-            nrow = max(1, math.ceil(math.sqrt(samples.shape[0])))
+            nrow = per_row or max(1, math.ceil(math.sqrt(samples.shape[0])))
             save_png(torchvision.utils.make_grid((samples + 1) / 2, nrow=nrow, padding=2), args.out_file)
         if args.out_npz:
             arr = ((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -13,6 +13,7 @@ import torchvision
 
 import samplers
 from cli import UserError, index_list, nonnegative_float, nonnegative_int, positive_int, str2bool, unit_interval
+from guidance import calls_per_step
 from script_utils import image_noise
 
 SAMPLER_NAMES = ("ancestral", "ddpm", "ddim", "dpmpp_2m", "stochastic")
@@ -102,15 +103,17 @@ def spec_steps(spec, diffusion):
 
 
 def nfe(spec, diffusion):
-    """Network calls per image of `spec` on `diffusion`."""
-    return samplers.nfe(spec_steps(spec, diffusion))
+    """Network calls per image of `spec` on `diffusion`: two per step under classifier-free guidance."""
+    return samplers.nfe(spec_steps(spec, diffusion)) * calls_per_step(diffusion.net_)
 
 
 def describe(spec, diffusion):
     """A short label, e.g. 'ddim (eta 0.5, clip 1.2), 8 of 128 steps'."""
     options = ", ".join(f"{'clip' if key == 'clip_value' else key} {value:g}" for key, value in spec.options.items()
                         if value is not None)
-    return f"{spec.name}{f' ({options})' if options else ''}, {nfe(spec, diffusion)} of {diffusion.num_timesteps} steps"
+    steps, calls = len(spec_steps(spec, diffusion)), nfe(spec, diffusion)
+    guided = f" ({calls} network calls: classifier-free guidance)" if calls != steps else ""
+    return f"{spec.name}{f' ({options})' if options else ''}, {steps} of {diffusion.num_timesteps} steps{guided}"
 
 
 def sample_batch(diffusion, spec, x, steps, extra_args=None, noise=None, callback=None, progress=False):

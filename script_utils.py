@@ -6,12 +6,14 @@ Checkpoint format (SPEC "Checkpoints"): one dict readable with torch.load(weight
   time_scale    how many base steps one step spans
 and, written by this project only:
   format_version, time_labels ("aligned" | "original"), channel_order ("RGB" | "BGR"), step, stage
-  ("train" | "distill"), args (plain dict), model (raw weights when G holds an EMA), optimizer, scaler,
-  bad_steps.
+  ("train" | "distill" | "guidance"), args (plain dict), model (raw weights when G holds an EMA), optimizer,
+  scaler, bad_steps; for conditional models (SPEC "Conditioning and classifier-free guidance") num_classes,
+  null_label, cond_drop_prob, and for a model with a guidance-weight input guidance_range [w_min, w_max].
 A file with only the first three keys is the original implementation's: original time labels, BGR.
 """
 import errno
 import importlib
+import inspect
 import os
 import pickle
 import sys
@@ -23,10 +25,13 @@ import torch
 import seeding
 from cli import UserError, seed_value
 from diffusion import GaussianDiffusion, GaussianDiffusionDefault, make_beta_schedule
+from guidance import ClassifierFreeGuidance
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 CHANNEL_ORDERS = ("RGB", "BGR")
+CONDITIONING_KEYS = ("num_classes", "null_label", "cond_drop_prob", "guidance_range")
+DEFAULT_COND_DROP_PROB = 0.1  # Ho & Salimans 2022 found 0.1-0.2 best
 # The original's --diffusion values, chosen from a table (never looked up by name).
 DIFFUSIONS = {"GaussianDiffusion": GaussianDiffusion, "GaussianDiffusionDefault": GaussianDiffusionDefault}
 
@@ -66,8 +71,19 @@ def load_user_module(name):
     return module
 
 
-def make_user_model(module):
-    model = module.make_model()
+def make_user_model(module, guidance_embedding=False):
+    """module.make_model(); with guidance_embedding=True its model with a guidance-weight input,
+    make_model(guidance_embedding=True), which a conditional module offers for guidance distillation."""
+    if guidance_embedding:
+        if module_num_classes(module) is None:
+            raise UserError(f"a model with a guidance-weight input needs a conditional user module (one with "
+                            f"NUM_CLASSES); {module.__name__} has none")
+        if "guidance_embedding" not in inspect.signature(module.make_model).parameters:
+            raise UserError(f"{module.__name__}.make_model() takes no guidance_embedding argument; guidance "
+                            "distillation needs make_model(guidance_embedding=True), a model with a w-input")
+        model = module.make_model(guidance_embedding=True)
+    else:
+        model = module.make_model()
     size = getattr(model, "image_size", None)
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{module.__name__}.make_model() must return a torch.nn.Module, got {type(model).__name__}")
@@ -124,10 +140,14 @@ def clean_state_dict(state_dict):
     return out
 
 
-def load_weights(model, state_dict, source):
-    """load_state_dict(strict=True) with a one-line error when the weights belong to another model."""
+def load_weights(model, state_dict, source, allow_missing=()):
+    """load_state_dict(strict=True) with a one-line error when the weights belong to another model;
+    the parameters named in allow_missing may be absent from state_dict (they keep their initialisation)."""
     try:
-        model.load_state_dict(clean_state_dict(state_dict), strict=True)
+        result = model.load_state_dict(clean_state_dict(state_dict), strict=not allow_missing)
+        missing = sorted(set(result.missing_keys) - set(allow_missing))
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"missing keys {missing}, unexpected keys {result.unexpected_keys}")
     except RuntimeError as e:
         detail = " ".join(str(e).split())
         raise UserError(f"the weights in {source} do not fit the model of this user module ({detail[:200]}...)") from None
@@ -157,6 +177,70 @@ def to_channel_order(images, source, target):
     if source != target and images.shape[1] == 3:
         return images.flip(1)
     return images
+
+
+# -- conditioning (SPEC "Conditioning and classifier-free guidance") ----------------------------
+
+def module_num_classes(module):
+    """The user module's NUM_CLASSES (a class-conditional module; its null label is NUM_CLASSES), or None."""
+    k = getattr(module, "NUM_CLASSES", None)
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise UserError(f"{module.__name__}.NUM_CLASSES is {k!r}; it must be a positive integer (the number of classes)")
+    return k
+
+
+def training_conditioning(module, cond_drop_prob):
+    """The conditioning record of a base model trained on `module` with --cond_drop_prob (None: the default
+    DEFAULT_COND_DROP_PROB for a conditional module); {} for an unconditional one."""
+    k = module_num_classes(module)
+    if k is None:
+        if cond_drop_prob is not None:
+            raise UserError(f"--cond_drop_prob drops class labels, but {module.__name__} is unconditional (it has no "
+                            "NUM_CLASSES)")
+        return {}
+    p = DEFAULT_COND_DROP_PROB if cond_drop_prob is None else cond_drop_prob
+    return {"num_classes": k, "null_label": k, "cond_drop_prob": p}
+
+
+def checkpoint_conditioning(ckpt):
+    """The checkpoint's conditioning record (num_classes, null_label, cond_drop_prob, guidance_range where
+    present); {} for an unconditional model."""
+    return {key: ckpt[key] for key in CONDITIONING_KEYS if key in ckpt}
+
+
+def model_for_checkpoint(module, ckpt, source):
+    """The user module's model as `ckpt` records it (with a guidance-weight input where it has a
+    guidance_range), with ckpt's G loaded; UserError when the module's classes differ from the record's."""
+    record = checkpoint_conditioning(ckpt)
+    k = module_num_classes(module)
+    if record.get("num_classes") != k:
+        def kind(n):
+            return f"a model of {n} classes" if n else "unconditional"
+        raise UserError(f"{source} is {kind(record.get('num_classes'))}, but user module {module.__name__} is "
+                        f"{kind(k)}; give the module the checkpoint was trained with")
+    model = make_user_model(module, guidance_embedding="guidance_range" in record)
+    load_weights(model, ckpt["G"], source)
+    return model
+
+
+def make_guidance_student(module, state_dict, source):
+    """A model of `module` with a guidance-weight input, initialised from a conditional teacher's weights: the
+    parameters the w-input adds keep their initialisation, whose last layer of zeros leaves the teacher's output
+    unchanged (Meng et al. 2023, Sec. 3.1: the student starts as the teacher)."""
+    student = make_user_model(module, guidance_embedding=True)
+    added = set(student.state_dict()) - set(make_user_model(module).state_dict())
+    load_weights(student, state_dict, source, allow_missing=added)
+    return student
+
+
+def guided_network(model, ckpt):
+    """The network to sample `ckpt` with, called with extra_args y (labels) and w (the guidance weight):
+    the model itself when it takes w (a guidance-distilled model: one call per step) or is unconditional;
+    classifier-free guidance over it for a conditional model (two calls per step, batched)."""
+    record = checkpoint_conditioning(ckpt)
+    if "num_classes" in record and "guidance_range" not in record:
+        return ClassifierFreeGuidance(model, record["null_label"])
+    return model
 
 
 def make_diffusion(model, n_timesteps, time_scale, cls=GaussianDiffusion, device="cpu", **kwargs):
@@ -251,8 +335,7 @@ def extra_args_fn(module):
 def load_model_from_checkpoint(module, path, device):
     """(model with the checkpoint's G weights in eval mode on device, checkpoint dict)."""
     ckpt = load_checkpoint(path)
-    model = make_user_model(module)
-    load_weights(model, ckpt["G"], path)
+    model = model_for_checkpoint(module, ckpt, path)
     return model.to(device).eval().requires_grad_(False), ckpt
 
 

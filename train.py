@@ -5,26 +5,36 @@
 
 Writes ./checkpoints/<name>/<dname>/checkpoint.pt (EMA weights as G) and TensorBoard logs beside it. Rerunning
 the command continues that checkpoint (or, when it is finished, does nothing) instead of overwriting it.
+
+A class-conditional user module (one with NUM_CLASSES) trains a model for classifier-free guidance: each
+label is replaced by the null label with probability --cond_drop_prob (Ho & Salimans 2022, Algorithm 1), and
+the checkpoint records num_classes, null_label and cond_drop_prob.
 """
 import os
 
 import torch
 
-from cli import UserError, main_guard
+from cli import UserError, main_guard, unit_interval
 from losses import make_training_loss
 from script_utils import (CHECKPOINT_NAME, checkpoint_channel_order, checkpoint_time_labels, data_channel_order,
-                          load_checkpoint, load_user_module, make_diffusion, make_user_dataset, make_user_model)
+                          load_checkpoint, load_user_module, make_diffusion, make_user_dataset, make_user_model,
+                          training_conditioning)
 from runtime import RunContext
 from train_utils import Trainer, check_training_arguments, train_argument_parser
 
 
 @main_guard
 def main(argv=None):
-    args = train_argument_parser(__doc__).parse_args(argv)
+    parser = train_argument_parser(__doc__)
+    parser.add_argument("--cond_drop_prob", type=unit_interval, default=None,
+                        help="conditional modules (NUM_CLASSES) only: probability that a label is replaced by the null "
+                             "label, for classifier-free guidance (unset: 0.1)")
+    args = parser.parse_args(argv)
     check_training_arguments(args)
     ctx = RunContext(args)
     torch.manual_seed(args.seed)
     module = load_user_module(args.module)
+    record = training_conditioning(module, args.cond_drop_prob)
     model = make_user_model(module)
     dataset = make_user_dataset(module)
     checkpoint_dir = os.path.join("checkpoints", args.name, args.dname)
@@ -41,12 +51,12 @@ def main(argv=None):
     time_labels = "aligned" if ckpt is None else checkpoint_time_labels(ckpt)
     meta = {"n_timesteps": n, "time_scale": 1, "time_labels": time_labels, "stage": "train",
             # a continued run keeps its file's channel order; a new one takes the data's
-            "channel_order": data_channel_order(module) if ckpt is None else checkpoint_channel_order(ckpt)}
+            "channel_order": data_channel_order(module) if ckpt is None else checkpoint_channel_order(ckpt), **record}
     trainer = Trainer(args, ctx, model, checkpoint_dir, meta)
     if ckpt is not None:
         trainer.restore(ckpt, resume_path)
     loss_fn = make_training_loss(args, ctx, module, trainer.net, n, channel_order=meta["channel_order"],
-                                 time_labels=time_labels)
+                                 time_labels=time_labels, record=record)
     print(f"Training a {n}-step base model on {len(dataset)} images; output in {checkpoint_dir}")
     sample_diffusion = make_diffusion(trainer.sampling_model, n, 1, device=ctx.device, time_labels=time_labels)
     trainer.fit(dataset, loss_fn, sample_diffusion, bgr=meta["channel_order"] == "BGR")

@@ -6,7 +6,18 @@ time embedding (optionally as an affine scale/shift, "use_affine_time"),
 multi-head self-attention at chosen resolutions, strided-conv downsampling and
 nearest-neighbour upsampling, and an optional spatial fold (space-to-depth).
 
-The network knows nothing of diffusion: `forward(x, t)` takes a float time label.
+Optional conditioning (SPEC "Conditioning and classifier-free guidance"), added to the time embedding:
+- `num_classes=K`: a learned embedding of K + 1 rows for the class label y; row K is the null label
+  (the unconditional model of classifier-free guidance, Ho & Salimans 2022), used when y is None;
+- `guidance_embedding=True`: the guidance weight w as an input (the students of Meng et al. 2023,
+  "On Distillation of Guided Diffusion Models"): a sinusoidal embedding of the label
+  GUIDANCE_LABEL_SCALE * w through a small MLP whose last layer starts at zero, so a freshly added
+  w-input leaves the network's output unchanged; w is 0 when not given.
+Without them no parameter is added: the state dict is exactly the original's. Their parameters are
+registered after the original's, so a conditional state dict is the original's followed by `label.*`
+and `guidance.*`.
+
+The network knows nothing of diffusion: `forward(x, t, y=None, w=None)` takes a float time label.
 """
 import math
 
@@ -32,6 +43,11 @@ def conv2d(in_channel, out_channel, kernel_size, stride=1, scale=1.0):
 
 def linear(in_features, out_features, scale=1.0):
     return _init_(nn.Linear(in_features, out_features), scale)
+
+
+# The guidance weight enters the sinusoidal embedding as the label GUIDANCE_LABEL_SCALE * w, so that the
+# weights of interest (w in [0, 10]) span labels [0, 1000], the range of a 1024-step model's time labels.
+GUIDANCE_LABEL_SCALE = 100.0
 
 
 class TimeEmbedding(nn.Module):
@@ -151,10 +167,13 @@ class UNet(nn.Module):
     `channel * channel_multiplier[i]` channels and uses attention when 2^i is in
     `attn_strides`. Set `grad_checkpoint = True` to recompute block activations
     in the backward pass (less memory, about a third more compute).
+
+    num_classes: class-conditional with labels 0..num_classes-1 and the null label num_classes (None:
+    unconditional); guidance_embedding: the guidance weight w as an input (see the module docstring).
     """
 
     def __init__(self, in_channel, channel, channel_multiplier, n_res_blocks, attn_strides,
-                 attn_heads=1, use_affine_time=False, dropout=0.0, fold=1):
+                 attn_heads=1, use_affine_time=False, dropout=0.0, fold=1, num_classes=None, guidance_embedding=False):
         super().__init__()
         assert channel % 4 == 0, f"channel must be a multiple of 4 (GroupNorm uses channel//4 groups), got {channel}"
         self.in_channel = in_channel
@@ -195,13 +214,42 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(groups, cur), nn.SiLU(), conv2d(cur, in_channel * fold ** 2, 3, scale=1e-10))
 
+        # Conditioning, registered last so that the original's parameters keep their order.
+        self.num_classes = num_classes
+        self.label = nn.Embedding(num_classes + 1, time_dim) if num_classes else None
+        self.guidance = nn.Sequential(TimeEmbedding(channel), linear(channel, time_dim), nn.SiLU(),
+                                      linear(time_dim, time_dim, scale=0.0)) if guidance_embedding else None
+
+    @property
+    def null_label(self):
+        """The label of the unconditional model (row num_classes of the embedding); None if unconditional."""
+        return self.num_classes if self.label is not None else None
+
+    def embed(self, x, t, y=None, w=None):
+        """The time embedding plus the label and guidance-weight embeddings (y None: the null label;
+        w None: 0). y and w are one value for the batch or one per image."""
+        time_embed = self.time(t)
+        batch = x.shape[0]
+        if self.label is not None:
+            y = torch.full((batch,), self.num_classes, device=x.device) if y is None else y
+            time_embed = time_embed + self.label(torch.as_tensor(y, device=x.device).long().expand(batch))
+        elif y is not None:
+            raise ValueError("this UNet is unconditional (built without num_classes) but was given labels y")
+        if self.guidance is not None:
+            w = torch.zeros(batch, device=x.device) if w is None else w
+            w = torch.as_tensor(w, device=x.device, dtype=torch.float32).expand(batch)
+            time_embed = time_embed + self.guidance(GUIDANCE_LABEL_SCALE * w)
+        elif w is not None:
+            raise ValueError("this UNet has no guidance-weight input (built without guidance_embedding) but was given w")
+        return time_embed
+
     def _block(self, layer, x, time_embed):
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(layer, x, time_embed, use_reentrant=False)
         return layer(x, time_embed)
 
-    def forward(self, x, t):
-        time_embed = self.time(t)
+    def forward(self, x, t, y=None, w=None):
+        time_embed = self.embed(x, t, y, w)
         h = spatial_fold(x, self.fold)
         skips = []
         for layer in self.down:

@@ -154,6 +154,8 @@ def write_bad_input_files(tmp_path):
     toy = {"G": toy_u.make_model().state_dict(), "n_timesteps": 8, "time_scale": 2, "time_labels": "aligned",
            "channel_order": "RGB"}
     torch.save(toy, tmp_path / "toy.pt")
+    torch.save(dict(source_checkpoint(case, 4, "RGB"), num_classes=3, null_label=3, cond_drop_prob=0.1),
+               tmp_path / "conditional.pt")
     grey = dict(case["config"], in_channel=1)
     write_unet_module(tmp_path, grey, 16, name="grey_unet_u")
     torch.save({"G": UNet(**grey).state_dict(), "n_timesteps": N_STEPS, "time_scale": 4, "time_labels": "aligned",
@@ -170,6 +172,7 @@ BAD_INPUTS = [
     (["unet.pt", "out", "--for_original", "True"], "needs --module"),
     (["unet.pt", "out", "--module", "tiny_unet_u"], "only with --for_original"),
     (["unet.pt", "a_file"], "is a file, not a folder"),
+    (["conditional.pt", "out", "--for_original", "True", "--module", "tiny_unet_u"], "is a conditional model"),
     (["unet.pt", "out", "--for_original", "maybe", "--module", "tiny_unet_u"], "expected True or False"),
 ]
 
