@@ -82,3 +82,24 @@ def test_ddim_runs_match_the_original(reference_dir):
         for state, expected in zip(states, run["trajectory"]):
             assert (state - expected).abs().max() < 1e-4
         assert [l.long().tolist() for l in labels] == [l.tolist() for l in run["net_time_inputs"]]
+
+
+def test_the_repository_carries_its_reference_data_and_reads_nothing_outside_itself(reference_dir):
+    """A clone anywhere passes its tests: the reference data live in tests/reference/, and no source file
+    points at a folder beside the repository."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert os.path.commonpath([root, os.path.abspath(reference_dir)]) == root
+    for name in ("README.md", "cosine_schedule.pt", "ddim_tiny_case.pt", "unet_celeba_keys.json", "unet_tiny_cases.pt"):
+        assert os.path.isfile(os.path.join(reference_dir, name)), name
+    outside = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "checkpoints", "data")]
+        for file in files:
+            if os.path.join(folder, file) == os.path.abspath(__file__):
+                continue  # this test names what it looks for
+            if file.endswith((".py", ".sh", ".ipynb")) or file in ("Makefile", "run"):
+                with open(os.path.join(folder, file), encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+                if "../shared" in text or '"shared"' in text or "'shared'" in text:
+                    outside.append(os.path.relpath(os.path.join(folder, file), root))
+    assert not outside, f"files that read outside the repository: {outside}"
