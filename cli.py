@@ -149,3 +149,11 @@ def int_list(value):
     if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {value!r}")
     return [int(part) for part in parts]
+
+
+def weight_list(value):
+    """'0,0.5,4' -> [0.0, 0.5, 4.0]: numbers >= 0 (guidance weights) separated by commas, each once."""
+    parts = [part.strip() for part in str(value).split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0 separated by commas, got {value!r}")
+    return list(dict.fromkeys(nonnegative_float(part) for part in parts))

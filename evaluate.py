@@ -26,6 +26,21 @@ of a BGR checkpoint are flipped.
 Writes OUT.csv (one row per model, sampler and NFE), OUT.md (the table and the headline: the NFE each
 training-free sampler needs to match the distilled --match_steps-step model), OUT.png (each measure
 against NFE) and TensorBoard logs in OUT_tb/.
+
+A class-conditional set (a base trained for classifier-free guidance, stage one of guidance distillation
+and its halvings; distillate.py --guidance_distill True) is measured at every guidance weight of --guidance:
+
+    python evaluate.py --module digits_cond_u --checkpoints checkpoints/digits_cond/original/checkpoint.pt \
+        checkpoints/digits_cond/guided_*/checkpoint.pt --out checkpoints/digits_cond/evaluation
+
+Image i is asked for class i mod K. The base model samples with CFG, two network calls per step, so its
+training-free rows run k/2 steps at NFE k (the reference: all its steps, 2N calls); the w-input model of
+stage one and the distilled stages take w themselves, one call per step. Each row adds the accuracy of the
+user module's make_classifier() on the requested classes, and pairs its samples with the CFG teacher's of
+the same w. OUT.md holds the headline (teacher, w-input model, the --match_steps-step student, the smallest
+student and the best training-free CFG sampler at 2 x --match_steps calls, at each w), a table of accuracy
+and KID against w as Table 1 of Meng et al. 2023 and all rows; OUT.png the guidance trade-off, accuracy
+against KID and FID as w grows.
 """
 import argparse
 import csv
@@ -40,16 +55,22 @@ import metrics
 import samplers
 import seeding
 from cli import (ArgumentParser, UserError, int_list, main_guard, nonnegative_float, nonnegative_int,
-                 positive_int, str2bool)
+                 positive_int, str2bool, weight_list)
+from guidance import calls_per_step
 from sample_utils import ALIASES, SamplerSpec, generate, nfe
-from script_utils import (add_common_arguments, checkpoint_channel_order, choose_device, data_channel_order,
-                          extra_args_fn, load_checkpoint, load_model_from_checkpoint, load_user_module,
-                          make_sampling_diffusion, make_user_dataset, to_channel_order)
+from script_utils import (add_common_arguments, checkpoint_channel_order, checkpoint_conditioning, choose_device,
+                          data_channel_order, extra_args_fn, guided_network, load_checkpoint,
+                          load_model_from_checkpoint, load_user_module, make_sampling_diffusion, make_user_dataset,
+                          to_channel_order)
 
 KNN = 5  # k of density and coverage (Naeem et al. 2020)
 ALL_STEPS_SAMPLERS = ("ddim", "ancestral")  # also run through all N steps of the base model
+BASE_SAMPLERS = ["ancestral", "ddim", "dpmpp_2m", "stochastic"]  # unset --samplers, unconditional base
+DISTILLED_SAMPLERS = ["ddim", "stochastic"]  # unset --distilled_samplers, unconditional stages
+GUIDED_SAMPLERS = ["ddim", "dpmpp_2m"]  # unset --samplers, class-conditional base (classifier-free guidance)
+GUIDED_DISTILLED_SAMPLERS = ["ddim"]  # unset --distilled_samplers, guidance-distilled stages
 LABELS = {"ancestral": "ancestral", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "stochastic": "stochastic"}
-COLUMNS = ["model", "steps", "sampler", "nfe", "n_samples", "n_reference", "n_paired", "fid", "fid_sd", "kid", "kid_sd",
+COLUMNS = ["model", "steps", "sampler", "nfe", "w", "accuracy", "accuracy_se", "n_samples", "n_reference", "n_paired", "fid", "fid_sd", "kid", "kid_sd",
            "density", "coverage", "paired_rmse", "paired_rmse_se", "paired_feature_distance",
            "paired_feature_distance_se", "seconds", "checkpoint"]
 # (column, error column, axis label, y scale) of each panel of OUT.png
@@ -83,10 +104,14 @@ def make_argument_parser():
                              "of these stay in memory; all others are reduced to features chunk by chunk)")
     parser.add_argument("--nfe", "--ddim_steps", dest="nfe", type=int_list, default="1,2,4,8,16,32",
                         help="network calls per image at which the base model is sampled (at most its steps)")
-    parser.add_argument("--samplers", type=sampler_list, default="ancestral,ddim,dpmpp_2m,stochastic",
-                        help="training-free samplers of the base model")
-    parser.add_argument("--distilled_samplers", type=sampler_list, default="ddim,stochastic",
-                        help="samplers of the distilled stages (through all their steps)")
+    parser.add_argument("--samplers", type=sampler_list, default=None,
+                        help="training-free samplers of the base model (unset: " + ",".join(BASE_SAMPLERS) +
+                             "; for a class-conditional base " + ",".join(GUIDED_SAMPLERS) + ")")
+    parser.add_argument("--distilled_samplers", type=sampler_list, default=None,
+                        help="samplers of the distilled stages, through all their steps (unset: " +
+                             ",".join(DISTILLED_SAMPLERS) + "; guidance-distilled " + ",".join(GUIDED_DISTILLED_SAMPLERS) + ")")
+    parser.add_argument("--guidance", type=weight_list, default="0,0.5,1,2,4",
+                        help="class-conditional models: the guidance weights w; every row is measured at each")
     parser.add_argument("--step_schedule", default="time", choices=samplers.STEP_SCHEDULES,
                         help="which indices the base model visits at fewer NFE: time-uniform or uniform in log-SNR")
     parser.add_argument("--clipping_value", "--ddim_clip", dest="clipping_value", type=nonnegative_float, default=0.0,
@@ -125,32 +150,83 @@ def check_arguments(args):
 
 
 def checkpoint_set(paths):
-    """(base path, its steps, [distilled paths by decreasing steps]); exactly one base (time scale 1)."""
-    steps, scales = {}, {}
+    """(base path, {path: (steps, time scale, conditioning record)}, [the other paths by decreasing steps]).
+    Exactly one base: time scale 1 and no guidance-weight input (stage one of guidance distillation, a
+    w-input model of the base's steps, is one of the others); all class-conditional or none."""
+    info = {}
     for path in paths:
         ckpt = load_checkpoint(path)  # read once here to check the set; the weights are loaded row by row
-        steps[path], scales[path] = int(ckpt["n_timesteps"]), ckpt["time_scale"]
-    bases = [p for p in steps if scales[p] == 1]
+        info[path] = (int(ckpt["n_timesteps"]), ckpt["time_scale"], checkpoint_conditioning(ckpt))
+    bases = [p for p, (_, scale, record) in info.items() if scale == 1 and "guidance_range" not in record]
     if len(bases) != 1:
-        raise UserError(f"--checkpoints must hold exactly one base model (time scale 1); found {len(bases)}")
-    return bases[0], steps[bases[0]], sorted((p for p in steps if p != bases[0]), key=lambda p: -steps[p])
+        raise UserError(f"--checkpoints must hold exactly one base model (time scale 1, no guidance-weight input); "
+                        f"found {len(bases)}")
+    base = bases[0]
+    conditional = "num_classes" in info[base][2]
+    mixed = [p for p in info if ("num_classes" in info[p][2]) != conditional]
+    if mixed:
+        raise UserError(f"{mixed[0]} is {'unconditional' if conditional else 'class-conditional'}, but the base model "
+                        f"{base} is {'class-conditional' if conditional else 'unconditional'}; evaluate one family")
+    return base, info, sorted((p for p in info if p != base), key=lambda p: -info[p][0])
 
 
-def evaluation_plan(base, n, stages, args):
-    """[(checkpoint path, model, SamplerSpec)], the reference (the base model's all-steps DDIM) first."""
-    too_many = [k for k in args.nfe if k > n]
+def model_kind(info, path, base):
+    """'base', 'w-input' (stage one of guidance distillation: the base's steps, w as an input) or 'distilled'."""
+    steps, scale, record = info[path]
+    if path == base:
+        return "base"
+    return "w-input" if scale == 1 and "guidance_range" in record else "distilled"
+
+
+def evaluation_plan(base, info, others, args):
+    """[(checkpoint path, model kind, SamplerSpec, guidance weight w or None)], the reference (the base
+    model's all-steps DDIM) first; for a class-conditional set the whole list once per w of --guidance,
+    each w's reference first. --nfe counts network calls: the base model under classifier-free guidance
+    makes two per step, so it runs k/2 steps for an even k (an odd k is skipped)."""
+    n, _, record = info[base]
+    conditional = "num_classes" in record
+    calls = 2 if conditional else 1
+    too_many = [k for k in args.nfe if k > n * calls]
     if too_many:
-        raise UserError(f"--nfe {','.join(map(str, too_many))} exceeds the base model's {n} steps")
+        raise UserError(f"--nfe {','.join(map(str, too_many))} exceeds the base model's {n} steps"
+                        + (f" ({n * calls} network calls with classifier-free guidance)" if conditional else ""))
+    weights = args.guidance if conditional else [None]
+    for path in others:
+        w_range = info[path][2].get("guidance_range")
+        outside = [w for w in weights if w_range is not None and not w_range[0] <= w <= w_range[1]]
+        if outside:
+            raise UserError(f"--guidance {outside[0]:g} lies outside the range [{w_range[0]:g}, {w_range[1]:g}] that "
+                            f"{path} was distilled for")
+    base_samplers = args.samplers or (GUIDED_SAMPLERS if conditional else BASE_SAMPLERS)
+    stage_samplers = args.distilled_samplers or (GUIDED_DISTILLED_SAMPLERS if conditional else DISTILLED_SAMPLERS)
     ddim = {"eta": 0.0, "clip_value": args.clipping_value or None}
     options = lambda name: ddim if name == "ddim" else {}
-    plan = [(base, "base", SamplerSpec("ddim", ddim, 0))]
-    for name in args.samplers:
-        grid = set(args.nfe) | ({n} if name in ALL_STEPS_SAMPLERS else set())
-        for k in sorted(grid - ({n} if name == "ddim" else set())):
-            plan.append((base, "base", SamplerSpec(name, options(name), 0 if k == n else k, args.step_schedule)))
-    for path in stages:
-        plan += [(path, "distilled", SamplerSpec(name, options(name), 0)) for name in args.distilled_samplers]
+    plan = []
+    for w in weights:
+        plan.append((base, "base", SamplerSpec("ddim", ddim, 0), w))
+        for name in base_samplers:
+            grid = {k // calls for k in args.nfe if k % calls == 0} | ({n} if name in ALL_STEPS_SAMPLERS else set())
+            for k in sorted(grid - ({n} if name == "ddim" else set())):
+                plan.append((base, "base", SamplerSpec(name, options(name), 0 if k == n else k, args.step_schedule), w))
+        for path in others:
+            plan += [(path, model_kind(info, path, base), SamplerSpec(name, options(name), 0), w)
+                     for name in stage_samplers]
     return plan
+
+
+def requested_labels(indices, num_classes):
+    """The label image i is asked for: i mod K, so any K consecutive images hold every class once."""
+    return torch.as_tensor(list(indices), dtype=torch.long) % num_classes
+
+
+def conditioning_for(module, record, w, device):
+    """indices -> the network's extra_args for those images: the module's unconditional arguments for an
+    unconditional model (w None); for a class-conditional one the requested labels and the guidance weight w."""
+    make = extra_args_fn(module)
+    if w is None:
+        fixed = make(None, None, device)
+        return lambda indices: fixed
+    return lambda indices: {**make(None, requested_labels(indices, record["num_classes"]), device), "w": w}
 
 
 def real_datasets(module, args):
@@ -200,33 +276,59 @@ class FeatureSpace:
         return self.extract(images)
 
 
+class Classifier:
+    """The user module's make_classifier() (class-conditional evaluation): images in [-1, 1], stored in
+    channel order `order`, -> how many of them it assigns their requested labels. None without one."""
+
+    def __init__(self, module, device, data_order, batch_size):
+        make = getattr(module, "make_classifier", None)
+        self.net = make().to(device).eval() if callable(make) else None
+        self.device, self.data_order, self.batch_size = device, data_order, batch_size
+
+    @torch.no_grad()
+    def correct(self, images, labels, order):
+        images = to_channel_order(images, order, self.data_order)  # the classifier sees images as the data stores them
+        predicted = torch.cat([self.net(chunk.to(self.device)).argmax(1).cpu() for chunk in images.split(self.batch_size)])
+        return int((predicted == torch.as_tensor(labels).long()).sum())
+
+
 @torch.no_grad()
-def read_real(dataset, features, data_order, args):
-    """(features [N, D] of a data set, read in batches, and its first n_paired(args) images): the other
-    images are not kept, so a large data set never sits in memory at once."""
+def read_real(dataset, features, data_order, args, classifier=None):
+    """(features [N, D] of a data set, read in batches, its first n_paired(args) images, and the fraction of
+    its images the classifier assigns their labels, or None): the other images are not kept, so a large
+    data set never sits in memory at once."""
     loader = DataLoader(dataset, batch_size=args.chunk_size, num_workers=args.num_workers)
-    parts, kept = [], []
+    parts, kept, correct, count = [], [], 0, 0
     for batch in loader:
-        images = to_channel_order(batch[0] if isinstance(batch, (tuple, list)) else batch, data_order, features.order)
+        labelled = isinstance(batch, (tuple, list))
+        images = to_channel_order(batch[0] if labelled else batch, data_order, features.order)
         room = n_paired(args) - sum(len(k) for k in kept)
         kept.append(images[:max(room, 0)])
         parts.append(features(images))
-    return torch.cat(parts), torch.cat(kept)
+        if classifier is not None and classifier.net is not None and labelled:
+            correct, count = correct + classifier.correct(images, batch[1], features.order), count + len(images)
+    return torch.cat(parts), torch.cat(kept), (correct / count if count else None)
 
 
 @torch.no_grad()
-def read_samples(diffusion, spec, model, ckpt, features, args, extra_args, device):
-    """(features [N, D] of a row's --num_images samples, its first n_paired(args) samples), generated chunk by
-    chunk in the feature space's channel order (image i from (seed, i) only, so chunking changes nothing)."""
-    parts, kept = [], []
+def read_samples(diffusion, spec, model, ckpt, features, args, conditioning, device, classifier=None):
+    """(features [N, D] of a row's --num_images samples, its first n_paired(args) samples, and the fraction of
+    samples the classifier assigns their requested labels, or None), generated chunk by chunk in the feature
+    space's channel order (image i from (seed, i) only, so chunking changes nothing). conditioning: indices ->
+    the network's extra_args (conditioning_for)."""
+    parts, kept, correct = [], [], 0
     for start in range(0, args.num_images, args.chunk_size):
         indices = range(start, min(start + args.chunk_size, args.num_images))
+        extra_args = conditioning(indices)
         images = generate(diffusion, spec, indices, list(model.image_size[1:]), args.seed, extra_args=extra_args,
                           device=device, chunk_size=args.chunk_size, channels_last=args.channels_last)
         images = to_channel_order(images.clamp(-1, 1), checkpoint_channel_order(ckpt), features.order)
         kept.append(images[:max(n_paired(args) - start, 0)])
         parts.append(features(images))
-    return torch.cat(parts), torch.cat(kept)
+        if classifier is not None and "y" in extra_args:
+            correct += classifier.correct(images, extra_args["y"].cpu(), features.order)
+    accuracy = correct / args.num_images if classifier is not None else None
+    return torch.cat(parts), torch.cat(kept), accuracy
 
 
 def n_paired(args):
@@ -261,53 +363,68 @@ def main(argv=None):
     check_arguments(args)
     device = choose_device(args.device)
     module = load_user_module(args.module)
-    plan = evaluation_plan(*checkpoint_set(args.checkpoints), args)
+    base, info, others = checkpoint_set(args.checkpoints)
+    plan = evaluation_plan(base, info, others, args)
+    conditional = "num_classes" in info[base][2]
     reference_set, floor_set = real_datasets(module, args)
     data_order = data_channel_order(module)
     features = FeatureSpace(module, args.features, device, data_order, args.chunk_size)
+    classifier = Classifier(module, device, data_order, args.chunk_size) if conditional else None
 
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(args.out + "_tb")  # the first thing written: every check above has passed
-    yardsticks = Yardsticks(read_real(reference_set, features, data_order, args)[0], args)
-    floor_features, floor_images = read_real(floor_set, features, data_order, args)
+    reference_features, _, reference_accuracy = read_real(reference_set, features, data_order, args, classifier)
+    yardsticks = Yardsticks(reference_features, args)
+    floor_features, floor_images, floor_accuracy = read_real(floor_set, features, data_order, args, classifier)
     paired_features = floor_features[:n_paired(args)]  # real image i against real image i+1: unrelated pairs
-    floor = dict(model="floor", steps="", sampler="real", nfe="", seconds="", checkpoint="",
+    floor = dict(model="floor", steps="", sampler="real", nfe="", w="", seconds="", checkpoint="",
+                 **accuracy_columns(floor_accuracy, len(floor_set)),
                  **yardsticks(floor_features, metrics.paired_rmse(floor_images, floor_images.roll(-1, 0)),
                               metrics.paired_distances(paired_features, paired_features.roll(-1, 0))))
     print(f"floor (real vs real): FID {floor['fid']:.3f}")
-    rows = [floor] + sample_rows(plan, module, features, yardsticks, writer, args, device)
+    rows = [floor] + sample_rows(plan, module, info, features, classifier, yardsticks, writer, args, device)
     writer.close()
     elapsed = time.perf_counter() - started, time.process_time() - cpu_started
-    write_outputs(rows, args, elapsed, device)
+    write_outputs(rows, args, elapsed, device, guided=dict(reference_accuracy=reference_accuracy) if conditional else None)
     print(f"Wrote {args.out}.md, {args.out}.csv and {args.out}.png ({elapsed[0] / 60:.1f} minutes)")
 
 
-def sample_rows(plan, module, features, yardsticks, writer, args, device):
-    """One row per entry of the plan; the first (the reference) is sampled first."""
-    rows, loaded, reference = [], None, None
-    extra_args = extra_args_fn(module)(None, None, device)
-    for path, model_kind, spec in plan:
+def accuracy_columns(accuracy, n):
+    """The accuracy columns of a row: the fraction and its binomial standard error ('' without a classifier)."""
+    if accuracy is None:
+        return dict(accuracy="", accuracy_se="")
+    return dict(accuracy=accuracy, accuracy_se=(accuracy * (1 - accuracy) / n) ** 0.5)
+
+
+def sample_rows(plan, module, info, features, classifier, yardsticks, writer, args, device):
+    """One row per entry of the plan; each guidance weight's reference (the first entry of its part) first."""
+    rows, loaded, references = [], None, {}
+    for path, model_kind, spec, w in plan:
         if loaded is None or loaded[0] != path:
             model, ckpt = load_model_from_checkpoint(module, path, device)
             if args.channels_last:
                 model.to(memory_format=torch.channels_last)
-            loaded = (path, model, ckpt, make_sampling_diffusion(model, ckpt, device=device))
+            loaded = (path, model, ckpt, make_sampling_diffusion(guided_network(model, ckpt), ckpt, device=device))
         _, model, ckpt, diffusion = loaded
         started = time.perf_counter()
         torch.manual_seed(args.seed)
-        sample_features, samples = read_samples(diffusion, spec, model, ckpt, features, args, extra_args, device)
+        conditioning = conditioning_for(module, info[path][2], w, device)
+        sample_features, samples, accuracy = read_samples(diffusion, spec, model, ckpt, features, args, conditioning,
+                                                          device, classifier)
         paired_features = sample_features[:n_paired(args)]
-        if reference is None:
-            reference = samples, paired_features
+        reference = references.setdefault(w, (samples, paired_features))
         row = dict(model=model_kind, steps=int(ckpt["n_timesteps"]), sampler=spec.name, nfe=nfe(spec, diffusion),
-                   checkpoint=path, **yardsticks(sample_features, metrics.paired_rmse(samples, reference[0]),
-                                                 metrics.paired_distances(paired_features, reference[1])))
+                   w="" if w is None else w, checkpoint=path, **accuracy_columns(accuracy, args.num_images),
+                   **yardsticks(sample_features, metrics.paired_rmse(samples, reference[0]),
+                                metrics.paired_distances(paired_features, reference[1])))
         row["seconds"] = round(time.perf_counter() - started, 2)
         rows.append(row)
-        print(f"{row['model']} ({row['steps']} steps), {LABELS[row['sampler']]}, NFE {row['nfe']}: FID {row['fid']:.3f}, "
-              f"KID {row['kid']:.4g}, paired RMSE {row['paired_rmse']:.4f} ({row['seconds']:.1f} s)")
-        tag = f"{model_kind}_{spec.name}"
-        for column in ("fid", "kid", "density", "coverage", "paired_rmse", "paired_feature_distance"):
+        guided = "" if w is None else f"w {w:g}, " + (f"accuracy {accuracy:.3f}, " if accuracy is not None else "")
+        print(f"{row['model']} ({row['steps']} steps), {LABELS[row['sampler']]}, NFE {row['nfe']}: {guided}"
+              f"FID {row['fid']:.3f}, KID {row['kid']:.4g}, paired RMSE {row['paired_rmse']:.4f} ({row['seconds']:.1f} s)")
+        tag = f"{model_kind}_{spec.name}" + ("" if w is None else f"_w{w:g}")
+        for column in ("fid", "kid", "density", "coverage", "paired_rmse", "paired_feature_distance") + (
+                ("accuracy",) if accuracy is not None else ()):
             writer.add_scalar(f"{column}/{tag}", row[column], row["nfe"])
         if samples.shape[1] in (1, 3):  # pictures
             writer.add_images(f"samples/{tag}_nfe{row['nfe']}", (to_channel_order(samples[:64], features.order, "RGB") + 1) / 2, 0)
@@ -354,9 +471,10 @@ def _nfe_text(reach, divisor, suffix=""):
 
 # -- outputs ---------------------------------------------------------------------------------------
 
-def write_outputs(rows, args, elapsed, device):
+def write_outputs(rows, args, elapsed, device, guided=None):
     """OUT.csv, OUT.md and OUT.png, each written beside its place and renamed into it when complete.
-    elapsed: (wall-clock seconds, CPU seconds) of the whole evaluation."""
+    elapsed: (wall-clock seconds, CPU seconds) of the whole evaluation; guided: None for an unconditional set,
+    else {"reference_accuracy": the classifier's accuracy on the reference images or None} (the per-w report)."""
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     written = []
     try:
@@ -365,8 +483,10 @@ def write_outputs(rows, args, elapsed, device):
             out.writeheader()
             out.writerows({c: r[c] for c in COLUMNS} for r in rows)
         with open(_tmp(args.out + ".md", written), "w") as f:
-            f.write("\n".join(markdown(rows, args, elapsed, device)) + "\n")
-        plot(rows, _tmp(args.out + ".png", written), args.match_steps)
+            lines = (markdown(rows, args, elapsed, device) if guided is None else
+                     guided_markdown(rows, args, elapsed, device, guided["reference_accuracy"]))
+            f.write("\n".join(lines) + "\n")
+        (plot if guided is None else guided_plot)(rows, _tmp(args.out + ".png", written), args.match_steps)
     except BaseException:
         for tmp, _ in written:
             if os.path.exists(tmp):
@@ -453,6 +573,150 @@ def plot(rows, path, match_steps):
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"Sampling quality against NFE (reference: the base model's all-steps DDIM; headline stage: "
                  f"{match_steps} steps)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+
+# -- the class-conditional report (per guidance weight) ------------------------------------------------
+
+def _curve_name(r):
+    """The label of a row's curve across w: model, sampler and NFE."""
+    if r["model"] == "base":
+        return f"CFG teacher, {LABELS[r['sampler']]}, NFE {r['nfe']}"
+    if r["model"] == "w-input":
+        return f"w-input model ({r['steps']} steps), {LABELS[r['sampler']]}"
+    return f"distilled, {r['steps']} step{'s' if r['steps'] != 1 else ''}, {LABELS[r['sampler']]}"
+
+
+def _acc(r):
+    return "–" if r["accuracy"] == "" else f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_se']:.1f}"
+
+
+def _acc_kid(r):
+    accuracy = "" if r["accuracy"] == "" else f"{100 * r['accuracy']:.1f}% · "
+    return f"{accuracy}{r['kid']:.3g}"
+
+
+def guided_headline(rows, match_steps):
+    """Lines of OUT.md: at each w, the CFG teacher through all its steps against the w-input model, the
+    distilled match_steps-step model, the smallest distilled model and the training-free sampler of the CFG
+    teacher with the lowest KID at 2 x match_steps network calls."""
+    weights = list(dict.fromkeys(r["w"] for r in rows[1:]))
+    lines = [f"Accuracy (%) and KID at each guidance weight w. The CFG teacher through all its steps is the "
+             f"reference; its {match_steps}-step student is the distilled {match_steps}-step model (--match_steps); "
+             f"the last column is the training-free sampler of the CFG teacher with the lowest KID at "
+             f"{2 * match_steps} network calls ({match_steps} guided steps).", "",
+             "| w | CFG teacher | w-input model | distilled, " + f"{match_steps} steps | Δ accuracy (points) | KID ratio "
+             "| smallest distilled | best training-free CFG |", "|---:|---|---|---|---:|---:|---|---|"]
+    for w in weights:
+        at_w = [r for r in rows[1:] if r["w"] == w]
+        teacher = at_w[0]
+        w_input = next((r for r in at_w if r["model"] == "w-input"), None)
+        distilled = [r for r in at_w if r["model"] == "distilled"]
+        student = next((r for r in distilled if r["steps"] == match_steps and r["sampler"] == "ddim"),
+                       next((r for r in distilled if r["steps"] == match_steps), None))
+        smallest = min(distilled, key=lambda r: (r["steps"], r["sampler"] != "ddim"), default=None)
+        cfg = [r for r in at_w if r["model"] == "base" and r["nfe"] == 2 * match_steps]
+        best = min(cfg, key=lambda r: r["kid"], default=None)
+
+        def cell(r, name=False):
+            if r is None:
+                return "–"
+            return (f"{LABELS[r['sampler']]}: " if name else "") + (
+                f"{_acc(r)}, KID {r['kid']:.3g} ± {r['kid_sd']:.2g} (NFE {r['nfe']})")
+        gap = (f"{100 * (student['accuracy'] - teacher['accuracy']):+.1f}"
+               if student is not None and student["accuracy"] != "" else "–")
+        ratio = f"{student['kid'] / teacher['kid']:.2f}" if student is not None and teacher["kid"] > 0 else "–"
+        lines.append(f"| {w:g} | {cell(teacher)} | {cell(w_input)} | {cell(student)} | {gap} | {ratio} | "
+                     f"{cell(smallest)} | {cell(best, name=True)} |")
+    lines += ["", f"Δ accuracy: the distilled {match_steps}-step model's minus the CFG teacher's; KID ratio: its KID over "
+              "the teacher's (below 0 or near it the ratio says little: compare with the error bars)."]
+    return lines
+
+
+def guided_markdown(rows, args, elapsed, device, reference_accuracy):
+    floor = rows[0]
+    weights = list(dict.fromkeys(r["w"] for r in rows[1:]))
+    real = ("" if reference_accuracy is None else
+            f" The classifier's accuracy on the {floor['n_reference']} reference images: {100 * reference_accuracy:.1f}%.")
+    lines = [f"Measured in {args.features} features against {floor['n_reference']} reference images; "
+             f"{args.num_images} samples per row, image i asked for class i mod K (balanced), each row at every "
+             f"guidance weight w, seed {args.seed} (the same noise at every w), {args.step_schedule}-uniform steps "
+             f"below all steps. NFE counts network calls per image: classifier-free guidance (CFG) makes two per step "
+             f"(one batched call), a w-input model one. Accuracy: the fraction of samples that the user module's "
+             f"classifier assigns their requested class ± its binomial standard error.{real} Evaluated in "
+             f"{elapsed[0] / 60:.1f} minutes (wall clock; {elapsed[1] / 60:.1f} minutes of CPU time) on {device} "
+             f"({_threads()}).", "", "## Headline", ""] + guided_headline(rows, args.match_steps) + [
+             "", "## Accuracy and KID against w (as Table 1 of Meng et al. 2023)", "",
+             "Each cell: accuracy · KID.", "",
+             "| model | " + " | ".join(f"w = {w:g}" for w in weights) + " |", "|---|" + "---:|" * len(weights)]
+    curves = {}
+    for r in rows[1:]:
+        curves.setdefault(_curve_name(r), {})[r["w"]] = r
+    for name, by_w in curves.items():
+        lines.append(f"| {name} | " + " | ".join(_acc_kid(by_w[w]) if w in by_w else "–" for w in weights) + " |")
+    lines += ["", "## All rows", "",
+              "| model | sampler | NFE | w | accuracy (%) | FID | KID | density | coverage | paired RMSE | "
+              "paired feature distance |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        steps = f"{r['steps']} step{'s' if r['steps'] != 1 else ''}"
+        model = {"floor": "floor: real vs real", "base": f"CFG teacher ({steps})",
+                 "w-input": f"w-input model ({steps})"}.get(r["model"], f"distilled, {steps}")
+        w = "" if r["w"] == "" else f"{r['w']:g}"
+        reference = r["model"] == "base" and r is next(q for q in rows[1:] if q["w"] == r["w"])
+        lines.append(f"| {model} | {LABELS.get(r['sampler'], r['sampler'])}{' (reference)' if reference else ''} | "
+                     f"{r['nfe']} | {w} | {_acc(r)} | {_pm(r, 'fid', 'fid_sd', 3)} | {r['kid']:.4g} ± {r['kid_sd']:.2g} | "
+                     f"{r['density']:.3f} | {r['coverage']:.3f} | {_pm(r, 'paired_rmse', 'paired_rmse_se', 4)} | "
+                     f"{_pm(r, 'paired_feature_distance', 'paired_feature_distance_se', 3)} |")
+    lines += ["", f"FID ± the standard deviation over {args.fid_bootstrap} bootstrap resamples of the row's images; KID ± "
+              f"the standard deviation over {args.kid_subsets} subsets of "
+              f"{min(args.kid_subset_size, args.num_images, floor['n_reference'])} images; density and coverage with "
+              f"k = {KNN}; paired measures ± their standard error over the first {floor['n_paired']} images, each "
+              "sample against the CFG teacher's all-steps DDIM sample of the same noise, label and w (the reference "
+              f"row of that w). The floor compares {floor['n_samples']} real images, disjoint from the reference "
+              "images, with them (its accuracy: the classifier on those images and their own labels); its paired "
+              "measures pair real image i with real image i+1, the level of unrelated images."]
+    return lines
+
+
+def guided_plot(rows, path, match_steps):
+    """The guidance trade-off: accuracy against KID and against FID, one curve per model and sampler through
+    the guidance weights (each point labelled with its w on the teacher's curve). Drawn: the CFG teacher
+    through all its steps, the w-input model, and the rows of at most 2 x match_steps network calls."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor, curves = rows[0], {}
+    references = {id(next(q for q in rows[1:] if q["w"] == w)) for w in {r["w"] for r in rows[1:]}}
+    for r in rows[1:]:
+        if r["accuracy"] != "" and (r["nfe"] <= 2 * match_steps or r["model"] == "w-input" or id(r) in references):
+            curves.setdefault(_curve_name(r), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), dpi=110)
+    for ax, (column, error, label) in zip(axes, (("kid", "kid_sd", "KID"), ("fid", "fid_sd", "FID"))):
+        for k, (name, points) in enumerate(curves.items()):
+            points = sorted(points, key=lambda r: r["w"])
+            distilled = points[0]["model"] != "base"
+            line = ax.errorbar([r[column] for r in points], [100 * r["accuracy"] for r in points],
+                               xerr=[r[error] for r in points], yerr=[100 * r["accuracy_se"] for r in points],
+                               capsize=2, color=f"C{k % 10}", marker="o" if distilled else "s",
+                               ls="-" if distilled else "--", ms=4, label=name)
+            if k == 0:  # the teacher: label its points with their w
+                for r in points:
+                    ax.annotate(f"w={r['w']:g}", (r[column], 100 * r["accuracy"]), fontsize=7,
+                                textcoords="offset points", xytext=(4, -10), color=line[0].get_color())
+        ax.axvline(floor[column], color="grey", lw=1, ls=":", label="floor: real vs real")
+        if floor["accuracy"] != "":
+            ax.axhline(100 * floor["accuracy"], color="grey", lw=1, ls="-.", label="accuracy on real images")
+        ax.set_xscale("symlog", linthresh=max(abs(floor[column]), 1e-6)) if column == "kid" else ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (lower is better)")
+        ax.set_ylabel("accuracy on the requested class (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("The guidance trade-off: accuracy against sample quality as w grows, one curve per model and "
+                 "sampler", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -19,3 +19,6 @@ $PY distillate.py --module digits_cond_u --name "$RUN" --dname guided --guidance
 for stage in original guided_w guided_0 guided_1 guided_2 guided_3 guided_4 guided_5 guided_6; do
   $PY export_checkpoint.py "checkpoints/$RUN/$stage/checkpoint.pt" "$OUT/$stage" --half True
 done
+$PY evaluate.py --module digits_cond_u --checkpoints "$OUT"/original/checkpoint.pt "$OUT"/guided_*/checkpoint.pt \
+  --guidance 0,0.5,1,2,4 --nfe 2,4,8,16,32 --num_images 1000 --chunk_size 1000 --seed 0 --device cpu \
+  --out "$OUT/evaluation"

@@ -16,7 +16,7 @@ from conftest import REFERENCE, ROOT, run_script
 
 FAST = ["--num_workers", 0, "--device", "cpu"]
 SMALL = ["--kid_subsets", 4, "--fid_bootstrap", 4, "--device", "cpu"]  # cheap error bars for tiny runs
-COLUMNS = ["model", "steps", "sampler", "nfe", "n_samples", "n_reference", "n_paired", "fid", "fid_sd", "kid", "kid_sd",
+COLUMNS = ["model", "steps", "sampler", "nfe", "w", "accuracy", "accuracy_se", "n_samples", "n_reference", "n_paired", "fid", "fid_sd", "kid", "kid_sd",
            "density", "coverage", "paired_rmse", "paired_rmse_se", "paired_feature_distance",
            "paired_feature_distance_se", "seconds", "checkpoint"]
 MEASURES = ["fid", "fid_sd", "kid", "kid_sd", "density", "coverage", "paired_rmse", "paired_rmse_se",
