@@ -3,14 +3,14 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test evaluate reproduce-digits bench clean-venv
+.PHONY: demo test evaluate evaluate-guided reproduce-digits reproduce-digits-cond bench clean-venv
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-demo: $(VENV)/.installed  ## sample the shipped digits checkpoints and print their evaluation table
+demo: $(VENV)/.installed  ## sample the shipped digits checkpoints (unconditional and guided) and print their evaluation tables
 	$(PY) demo.py
 
 test: $(VENV)/.installed  ## the test suite (about 10 minutes on 2 CPU cores)
@@ -20,6 +20,14 @@ evaluate: $(VENV)/.installed  ## every measure against NFE for the shipped digit
 	$(PY) evaluate.py --module digits_u --checkpoints checkpoints/digits/original/checkpoint.pt \
 	    checkpoints/digits/base_*/checkpoint.pt --num_images 1000 --chunk_size 1000 --seed 0 --device cpu \
 	    --out checkpoints/digits/evaluation
+
+evaluate-guided: $(VENV)/.installed  ## accuracy, KID, FID and pairing at each guidance weight for the shipped guided digits models: checkpoints/digits_cond/evaluation.*
+	$(PY) evaluate.py --module digits_cond_u --checkpoints checkpoints/digits_cond/original/checkpoint.pt \
+	    checkpoints/digits_cond/guided_*/checkpoint.pt --guidance 0,0.5,1,2,4 --nfe 2,4,8,16,32 --num_images 1000 \
+	    --chunk_size 1000 --seed 0 --device cpu --out checkpoints/digits_cond/evaluation
+
+reproduce-digits-cond: $(VENV)/.installed  ## rerun the whole guided digits chain from scratch, evaluation included
+	bash bench/reproduce_digits_cond.sh
 
 reproduce-digits: $(VENV)/.installed  ## rerun the whole digits chain from scratch (about 45 minutes on 2 CPU cores)
 	bash bench/reproduce_digits.sh

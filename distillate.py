@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from cli import UserError, main_guard, nonnegative_float, positive_int, str2bool
+from cli import UserError, main_guard
 from script_utils import (CHECKPOINT_NAME, checkpoint_channel_order, checkpoint_conditioning, checkpoint_time_labels,
                           load_checkpoint, load_user_module, make_diffusion, make_guidance_student, make_user_dataset,
                           model_for_checkpoint)
@@ -137,15 +137,6 @@ def check_guidance_arguments(args):
 @main_guard
 def main(argv=None):
     parser = distill_argument_parser(__doc__)
-    parser.add_argument("--guidance_distill", type=str2bool, default=False,
-                        help="guidance distillation of a class-conditional teacher: stage one (a w-input student, "
-                             "<dname>_w), then --num_stages halvings (<dname>_0 ...)")
-    parser.add_argument("--w_min", type=nonnegative_float, default=None,
-                        help="with --guidance_distill True: the smallest guidance weight the student learns (unset: 0)")
-    parser.add_argument("--w_max", type=nonnegative_float, default=None,
-                        help="with --guidance_distill True: the largest guidance weight the student learns (unset: 4)")
-    parser.add_argument("--guidance_num_iters", type=positive_int, default=None,
-                        help="with --guidance_distill True: optimizer steps of stage one (unset: --num_iters)")
     args = parser.parse_args(argv)
     check_training_arguments(args)
     check_guidance_arguments(args)

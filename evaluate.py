@@ -56,7 +56,6 @@ import samplers
 import seeding
 from cli import (ArgumentParser, UserError, int_list, main_guard, nonnegative_float, nonnegative_int,
                  positive_int, str2bool, weight_list)
-from guidance import calls_per_step
 from sample_utils import ALIASES, SamplerSpec, generate, nfe
 from script_utils import (add_common_arguments, checkpoint_channel_order, checkpoint_conditioning, choose_device,
                           data_channel_order, extra_args_fn, guided_network, load_checkpoint,

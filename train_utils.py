@@ -523,4 +523,13 @@ def distill_argument_parser(description):
                       "by default a stage continues its own <dname> checkpoint when there is one",
         ema_help="EMA decay of the student's weights saved as G (0: no EMA, the raw weights are G and the next "
                  "teacher, as in the paper)")
+    parser.add_argument("--guidance_distill", type=str2bool, default=False,
+                        help="guidance distillation of a class-conditional teacher: stage one (a w-input student, "
+                             "<dname>_w), then --num_stages halvings (<dname>_0 ...)")
+    parser.add_argument("--w_min", type=nonnegative_float, default=None,
+                        help="with --guidance_distill True: the smallest guidance weight the student learns (unset: 0)")
+    parser.add_argument("--w_max", type=nonnegative_float, default=None,
+                        help="with --guidance_distill True: the largest guidance weight the student learns (unset: 4)")
+    parser.add_argument("--guidance_num_iters", type=positive_int, default=None,
+                        help="with --guidance_distill True: optimizer steps of stage one (unset: --num_iters)")
     return parser

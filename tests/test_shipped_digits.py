@@ -1,24 +1,37 @@
-"""The shipped digits checkpoints are what bench/reproduce_digits.sh makes: their stored arguments are
-the script's command lines, parsed by today's parsers, and each stage is the student of the one before."""
+"""The shipped digits checkpoints are what bench/reproduce_digits.sh and bench/reproduce_digits_cond.sh
+make: their stored arguments are the scripts' command lines, parsed by today's parsers, and each stage is
+the student of the one before. The guided models' accuracy in checkpoints/digits_cond/evaluation.csv is
+recomputed from their samples."""
+import csv
 import os
 import shlex
 
 import pytest
 import torch
 
+import digits_cond_u
 from conftest import ROOT
+from sample_utils import SamplerSpec, generate
+from script_utils import guided_network, load_model_from_checkpoint, make_sampling_diffusion
 from train_utils import distill_argument_parser, train_argument_parser
 
-SHIPPED = os.path.join(ROOT, "checkpoints", "digits")
-SCRIPT = os.path.join(ROOT, "bench", "reproduce_digits.sh")
-STAGES = ["original"] + [f"base_{k}" for k in range(7)]
+# folder -> (reproduce script, its RUN, stages in chain order)
+CHAINS = {"digits": ("reproduce_digits.sh", "digits_run", ["original"] + [f"base_{k}" for k in range(7)]),
+          "digits_cond": ("reproduce_digits_cond.sh", "digits_cond_run",
+                          ["original", "guided_w"] + [f"guided_{k}" for k in range(7)])}
+CASES = [(folder, stage) for folder, (_, _, stages) in CHAINS.items() for stage in stages]
 
 
-def script_commands():
-    """{script name: argv} of the python commands in reproduce_digits.sh, with its default variables."""
-    with open(SCRIPT) as f:
+def shipped(folder):
+    return os.path.join(ROOT, "checkpoints", folder)
+
+
+def script_commands(folder):
+    """{script name: argv} of the python commands in the folder's reproduce script, with its default variables."""
+    script, run, _ = CHAINS[folder]
+    with open(os.path.join(ROOT, "bench", script)) as f:
         text = f.read().replace("\\\n", " ")
-    variables = {"$PY": "python", '"$RUN"': "digits_run", "$RUN": "digits_run", '"$OUT"': "checkpoints/digits"}
+    variables = {"$PY": "python", '"$RUN"': run, "$RUN": run, '"$OUT"': f"checkpoints/{folder}"}
     commands = {}
     for line in text.splitlines():
         if not line.startswith("$PY "):
@@ -34,30 +47,63 @@ def given_flags(argv):
     return {word[2:] for word in argv if word.startswith("--")}
 
 
-def load(stage):
-    return torch.load(os.path.join(SHIPPED, stage, "checkpoint.pt"), weights_only=True)
+def load(folder, stage):
+    return torch.load(os.path.join(shipped(folder), stage, "checkpoint.pt"), weights_only=True)
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_stored_arguments_equal_the_scripts(stage):
-    commands = script_commands()
-    script = "train.py" if stage == "original" else "distillate.py"
-    argv = commands[script]
-    parser = train_argument_parser("") if script == "train.py" else distill_argument_parser("")
+@pytest.mark.parametrize("folder, stage", CASES)
+def test_stored_arguments_equal_the_scripts(folder, stage):
+    argv = script_commands(folder)["train.py" if stage == "original" else "distillate.py"]
+    parser = train_argument_parser("") if stage == "original" else distill_argument_parser("")
     expected = vars(parser.parse_args(argv))
-    stored = load(stage)["args"]
+    stored = load(folder, stage)["args"]
     assert given_flags(argv) <= stored.keys(), "a flag of the script is missing from the stored arguments"
     differing = {k: (stored[k], expected[k]) for k in stored.keys() & expected.keys() if stored[k] != expected[k]}
-    assert not differing, f"{stage}: stored arguments differ from bench/reproduce_digits.sh: {differing}"
+    assert not differing, f"{folder}/{stage}: stored arguments differ from bench/{CHAINS[folder][0]}: {differing}"
 
 
-def test_each_stage_is_the_finished_student_of_the_one_before():
-    base = load("original")
+@pytest.mark.parametrize("folder", CHAINS)
+def test_each_stage_is_the_finished_student_of_the_one_before(folder):
+    _, run, stages = CHAINS[folder]
+    base = load(folder, "original")
     assert (base["n_timesteps"], base["time_scale"], base["step"]) == (128, 1, base["args"]["num_iters"])
-    for k in range(7):
-        ckpt = load(f"base_{k}")
-        teacher = f"checkpoints/digits_run/{'original' if k == 0 else f'base_{k - 1}'}/checkpoint.pt"
-        assert ckpt["teacher"]["path"] == teacher
-        assert (ckpt["n_timesteps"], ckpt["time_scale"]) == (128 // 2 ** (k + 1), 2 ** (k + 1))
-        assert ckpt["step"] == ckpt["args"]["num_iters"]
+    halvings = [stage for stage in stages if stage[-1].isdigit()]
+    for before, stage in zip(stages, stages[1:]):
+        ckpt = load(folder, stage)
+        assert ckpt["teacher"]["path"] == f"checkpoints/{run}/{before}/checkpoint.pt"
+        halving = halvings.index(stage) + 1 if stage in halvings else 0
+        assert (ckpt["n_timesteps"], ckpt["time_scale"]) == (128 // 2 ** halving, 2 ** halving)
+        iters = ckpt["args"]["guidance_num_iters"] if stage.endswith("_w") else ckpt["args"]["num_iters"]
+        assert ckpt["step"] == iters
         assert ckpt["time_labels"] == "aligned" and ckpt["channel_order"] == "RGB"
+    if folder == "digits_cond":
+        assert (base["num_classes"], base["null_label"], base["cond_drop_prob"]) == (10, 10, 0.1)
+        assert "guidance_range" not in base
+        for stage in stages[1:]:
+            assert load(folder, stage)["guidance_range"] == [0.0, 4.0]
+
+
+def evaluation_rows():
+    path = os.path.join(shipped("digits_cond"), "evaluation.csv")
+    with open(path) as f:
+        return [r for r in csv.DictReader(f) if r["model"] == "distilled" and r["steps"] in ("4", "1")]
+
+
+@pytest.mark.parametrize("steps", ["4", "1"])
+def test_shipped_guided_students_accuracy_recomputed_from_their_samples(steps):
+    """evaluate.py's accuracy of the 4- and 1-step guided students at every w: the same 1,000 images (image i asked
+    for class i mod 10, noise from seed 0 and i) drawn here and classified by the digits classifier."""
+    rows = [r for r in evaluation_rows() if r["steps"] == steps]
+    assert {float(r["w"]) for r in rows} == {0.0, 0.5, 1.0, 2.0, 4.0}
+    model, ckpt = load_model_from_checkpoint(digits_cond_u, os.path.join(ROOT, rows[0]["checkpoint"]), "cpu")
+    model.to(memory_format=torch.channels_last)
+    diffusion = make_sampling_diffusion(guided_network(model, ckpt), ckpt)
+    classifier = digits_cond_u.make_classifier()
+    n = int(rows[0]["n_samples"])
+    labels = torch.arange(n) % 10
+    for row in rows:
+        images = generate(diffusion, SamplerSpec("ddim", {"eta": 0.0, "clip_value": None}), range(n), [1, 8, 8], 0,
+                          extra_args={"y": labels, "w": float(row["w"])}, chunk_size=n, channels_last=True)
+        with torch.no_grad():
+            accuracy = (classifier(images.clamp(-1, 1)).argmax(1) == labels).double().mean().item()
+        assert abs(accuracy - float(row["accuracy"])) <= 2 / n, (row["w"], accuracy, row["accuracy"])
