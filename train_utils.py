@@ -325,6 +325,10 @@ class Trainer:
         if self.step >= args.num_iters:
             self._print(f"Nothing to do: the checkpoint is at step {self.step} of --num_iters {args.num_iters}.")
             return "done"
+        if args.stop_at and self.step >= args.stop_at:
+            self._print(f"Nothing to do: the checkpoint is at step {self.step}, at or past --stop_at {args.stop_at}; "
+                        "raise --stop_at, or leave it out to finish the run.")
+            return "stopped"
         writer = self._tensorboard()
         loader = iter(self.make_loader(dataset))
         window = Window()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import demo
 import digits_u
 import fid
 import seeding
@@ -247,8 +248,16 @@ def test_demo_samples_the_shipped_checkpoints(run, tmp_path):
     names = sorted(os.listdir(tmp_path / "images"))
     assert names == sorted(["digits_base.png", "digits_base_8_steps.png", "digits_demo.png",
                             "digits_distilled_1_step.png", "digits_distilled_4_steps.png",
-                            "digits_distilled_8_steps.png"])
+                            "digits_distilled_8_steps.png", "digits_cond_demo.png"])
     assert "| distilled, 4 steps |" in result.stdout  # the shipped evaluation table
+    # the guided picture: the CFG teacher (128 steps, 256 calls) above its 4-step student, w = 0, 1, 2, 4
+    assert "CFG teacher, 128 steps (256 calls), w = 0, 1, 2, 4" in result.stdout
+    assert "guidance-distilled, 4 steps (4 calls), w = 0, 1, 2, 4" in result.stdout
+    assert "## Headline" in result.stdout.split("digits_cond_demo.png")[1]  # the guided evaluation's headline
+    from PIL import Image
+    width, height = Image.open(tmp_path / "images" / "digits_cond_demo.png").size
+    digit = demo.ZOOM * (8 + 1)  # one 8x8 digit and its padding, zoomed
+    assert width >= 4 * demo.PER_DIGIT * digit and height >= 2 * 10 * digit  # 4 blocks of w; 2 models of 10 rows
     steps = [torch.load(os.path.join(ROOT, f"checkpoints/digits/{d}/checkpoint.pt"), weights_only=True)["n_timesteps"]
              for d in ["original"] + [f"base_{k}" for k in range(7)]]
     assert steps == [128, 64, 32, 16, 8, 4, 2, 1]

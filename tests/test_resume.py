@@ -135,6 +135,10 @@ def test_rerunning_train_continues_or_skips_instead_of_overwriting(run, tmp_path
     common = [*TOY, "--name", "toy", "--num_timesteps", 16, "--num_iters", 12, "--ema_decay", 0.9, "--seed", 3]
     run("train.py", *common, "--dname", "whole")
     run("train.py", *common, "--dname", "again", "--stop_at", 5)
+    unfinished = (tmp_path / "checkpoints/toy/again/checkpoint.pt").read_bytes()
+    out = run("train.py", *common, "--dname", "again", "--stop_at", 4).stdout  # a stop already passed: said, not ignored
+    assert "at or past --stop_at 4" in out
+    assert (tmp_path / "checkpoints/toy/again/checkpoint.pt").read_bytes() == unfinished
     out = run("train.py", *common, "--dname", "again").stdout
     assert "Continuing from checkpoints/toy/again/checkpoint.pt at step 5" in out
     whole = load(tmp_path / "checkpoints/toy/whole/checkpoint.pt")
