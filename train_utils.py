@@ -9,10 +9,12 @@ checkpoints on a step or minute interval, and a graceful stop on SIGINT/SIGTERM.
 import copy
 import math
 import os
+import random
 import signal
 import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -174,9 +176,10 @@ class InfiniteShardSampler(torch.utils.data.Sampler):
 
 class SeededDataset(torch.utils.data.Dataset):
     """`dataset` indexed by keys (index, sample seed): item `index` made with torch's CPU random
-    generator seeded by the sample seed, and the caller's generator state restored afterwards. Random
-    augmentations that draw from torch's generator (LMDBImageDataset's flips, torchvision's transforms)
-    thus repeat exactly with the key, in a DataLoader worker or in the main process."""
+    generator, Python's `random` and NumPy's global generator all seeded by the sample seed, and the
+    caller's generator states restored afterwards. Random augmentations that draw from any of them
+    (LMDBImageDataset's flips, torchvision's transforms, a user's own NumPy or `random` code) thus repeat
+    exactly with the key, in a DataLoader worker or in the main process."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -186,9 +189,16 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, sample_seed = key
-        with torch.random.fork_rng(devices=[], device_type="cpu"):
-            torch.default_generator.manual_seed(sample_seed)  # the CPU's alone: a GPU's generator is not touched
-            return self.dataset[index]
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            random.seed(sample_seed)
+            np.random.seed([sample_seed & 0xFFFFFFFF, sample_seed >> 32 & 0xFFFFFFFF])  # NumPy takes 32-bit words
+            with torch.random.fork_rng(devices=[], device_type="cpu"):
+                torch.default_generator.manual_seed(sample_seed)  # the CPU's alone: a GPU's generator is not touched
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def add_training_arguments(parser, *, lr, scheduler, num_iters, ema_decay, dname_help, continue_help, ema_help):

@@ -137,3 +137,31 @@ def test_training_resumed_with_two_workers_and_flips_is_bit_exact(run, tmp_path,
         saved = load(tmp_path / f"checkpoints/flips/{other}/checkpoint.pt")
         for key in ("G", "model", "optimizer", "step"):
             assert_same_tensors(whole[key], saved[key])
+
+
+class ThreeGenerators(torch.utils.data.Dataset):
+    """Each item draws from torch's, Python's and NumPy's global generators, as user augmentations do."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        import random
+        return torch.rand(()).item(), random.random(), float(np.random.rand())
+
+
+def test_seeded_dataset_seeds_torch_python_and_numpy_per_sample_and_restores_them():
+    import random
+    dataset = SeededDataset(ThreeGenerators())
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    before = (random.random(), float(np.random.rand()), torch.rand(()).item())
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    first = dataset[(2, 2 ** 40 + 7)]
+    assert dataset[(2, 2 ** 40 + 7)] == first  # the key alone decides every draw
+    other = dataset[(2, 2 ** 40 + 8)]
+    assert all(a != b for a, b in zip(first, other))  # each generator follows the seed
+    assert (random.random(), float(np.random.rand()), torch.rand(()).item()) == before  # the caller's draws unchanged
