@@ -485,7 +485,10 @@ def write_outputs(rows, args, elapsed, device, guided=None):
             lines = (markdown(rows, args, elapsed, device) if guided is None else
                      guided_markdown(rows, args, elapsed, device, guided["reference_accuracy"]))
             f.write("\n".join(lines) + "\n")
-        (plot if guided is None else guided_plot)(rows, _tmp(args.out + ".png", written), args.match_steps)
+        if guided is None:
+            plot(rows, _tmp(args.out + ".png", written), args.match_steps)
+        else:
+            guided_plot(rows, _tmp(args.out + ".png", written), args.match_steps, guided["reference_accuracy"])
     except BaseException:
         for tmp, _ in written:
             if os.path.exists(tmp):
@@ -680,10 +683,12 @@ def guided_markdown(rows, args, elapsed, device, reference_accuracy):
     return lines
 
 
-def guided_plot(rows, path, match_steps):
+def guided_plot(rows, path, match_steps, reference_accuracy):
     """The guidance trade-off: accuracy against KID and against FID, one curve per model and sampler through
     the guidance weights (each point labelled with its w on the teacher's curve). Drawn: the CFG teacher
-    through all its steps, the w-input model, and the rows of at most 2 x match_steps network calls."""
+    through all its steps, the w-input model, and the rows of at most 2 x match_steps network calls; dotted
+    the floor, dash-dotted the classifier's accuracy on the reference images. KID's axis is linear up to the
+    largest negative KID's size (KID is unbiased: it dips below 0), logarithmic beyond."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -707,9 +712,13 @@ def guided_plot(rows, path, match_steps):
                     ax.annotate(f"w={r['w']:g}", (r[column], 100 * r["accuracy"]), fontsize=7,
                                 textcoords="offset points", xytext=(4, -10), color=line[0].get_color())
         ax.axvline(floor[column], color="grey", lw=1, ls=":", label="floor: real vs real")
-        if floor["accuracy"] != "":
-            ax.axhline(100 * floor["accuracy"], color="grey", lw=1, ls="-.", label="accuracy on real images")
-        ax.set_xscale("symlog", linthresh=max(abs(floor[column]), 1e-6)) if column == "kid" else ax.set_xscale("log")
+        if reference_accuracy is not None:
+            ax.axhline(100 * reference_accuracy, color="grey", lw=1, ls="-.", label="accuracy on the reference images")
+        if column == "kid":
+            lowest = min([floor["kid"]] + [r["kid"] for points in curves.values() for r in points])
+            ax.set_xscale("symlog", linthresh=max(-lowest, 0.1))
+        else:
+            ax.set_xscale("log")
         ax.set_xlabel(f"{label} (lower is better)")
         ax.set_ylabel("accuracy on the requested class (%)")
         ax.grid(alpha=0.3)
