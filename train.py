@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from cli import UserError, main_guard, unit_interval
+from cli import UserError, main_guard
 from losses import make_training_loss
 from script_utils import (CHECKPOINT_NAME, checkpoint_channel_order, checkpoint_time_labels, data_channel_order,
                           load_checkpoint, load_user_module, make_diffusion, make_user_dataset, make_user_model,
@@ -26,9 +26,6 @@ from train_utils import Trainer, check_training_arguments, train_argument_parser
 @main_guard
 def main(argv=None):
     parser = train_argument_parser(__doc__)
-    parser.add_argument("--cond_drop_prob", type=unit_interval, default=None,
-                        help="conditional modules (NUM_CLASSES) only: probability that a label is replaced by the null "
-                             "label, for classifier-free guidance (unset: 0.1)")
     args = parser.parse_args(argv)
     check_training_arguments(args)
     ctx = RunContext(args)

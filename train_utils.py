@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import seeding
 from cli import (ArgumentParser, UserError, decay, finite_float, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, str2bool, worker_count)
+                 positive_float, positive_int, str2bool, unit_interval, worker_count)
 from diffusion import DISTILL_WEIGHTINGS
 from runtime import AMP_DTYPES
 from sample_utils import trajectory_grid
@@ -512,6 +512,9 @@ def train_argument_parser(description):
                       "a file of the original (weights only) starts at step 0 from its weights, keeping its "
                       "time-label convention and channel order",
         ema_help="EMA decay of the weights saved as G (0: no EMA, the raw weights are G)")
+    parser.add_argument("--cond_drop_prob", type=unit_interval, default=None,
+                        help="conditional modules (NUM_CLASSES) only: probability that a label is replaced by the null "
+                             "label, for classifier-free guidance (unset: 0.1)")
     return parser
 
 
