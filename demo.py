@@ -21,7 +21,7 @@ import torchvision
 from PIL import Image, ImageDraw
 
 from cli import ArgumentParser, UserError, main_guard, seed_value
-from sample_utils import add_sampler_arguments, generate, nfe, sampler_from_args
+from sample_utils import SAMPLER_LABELS as LABELS, add_sampler_arguments, generate, nfe, sampler_from_args
 from script_utils import (choose_device, guided_network, load_model_from_checkpoint, load_user_module,
                           make_sampling_diffusion)
 
@@ -32,7 +32,6 @@ GUIDED_PANELS = [("original", "CFG teacher"), ("guided_4", "guidance-distilled")
 GUIDANCE_WEIGHTS = [0.0, 1.0, 2.0, 4.0]  # one block of the guided picture per w
 PER_DIGIT = 3  # samples per digit in each block
 ZOOM = 4  # pixels per digit pixel in the pictures
-LABELS = {"ancestral": "ancestral", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "stochastic": "stochastic"}
 
 
 def panels(base_steps, spec):

@@ -20,6 +20,8 @@ import torch
 
 import seeding
 
+KNN = 5  # k of density and coverage in the evaluation (Naeem et al. 2020)
+
 
 def _as_float64(x):
     return torch.as_tensor(x).detach().to("cpu", torch.float64)

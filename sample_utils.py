@@ -18,6 +18,7 @@ from script_utils import image_noise
 
 SAMPLER_NAMES = ("ancestral", "ddpm", "ddim", "dpmpp_2m", "stochastic")
 ALIASES = {"ddpm": "ancestral"}  # the original's name of its ancestral sampler
+SAMPLER_LABELS = {"ancestral": "ancestral", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "stochastic": "stochastic"}
 ORIGINAL_CLIPPING_VALUE = 1.2  # the original's --clipping_value of --clipped_sampling True
 
 
