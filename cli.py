@@ -4,7 +4,8 @@
 - `ArgumentParser`: argparse whose usage errors are one line and whose --help shows every default.
 - Argument types that check ranges: `str2bool`, `positive_int`, `nonnegative_int`, `positive_float`,
   `nonnegative_float`, `unit_interval` ([0, 1]), `decay` ([0, 1)), `finite_float`, `worker_count`
-  (-1 or more), `seed_value` ([0, 2^63)), `int_list`, `index_list`.
+  (-1 or more), `seed_value` ([0, 2^63)), `int_list`, `index_list`, `label_list`, `weight_list`.
+- `add_common_arguments`: --module, --device and --seed, which every script but prepare_data.py takes.
 """
 import argparse
 import functools
@@ -157,3 +158,10 @@ def weight_list(value):
     if not parts:
         raise argparse.ArgumentTypeError(f"expected numbers >= 0 separated by commas, got {value!r}")
     return list(dict.fromkeys(nonnegative_float(part) for part in parts))
+
+
+def add_common_arguments(parser):
+    """Flags every script shares."""
+    parser.add_argument("--module", required=True, help="user module with make_model() and make_dataset(), e.g. celeba_u")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed")

@@ -6,7 +6,7 @@ distilled 8-step | 4-step | 1-step models, by default all deterministic (DDIM, n
 same noise, so each column shows the same digit — and one PNG per panel
 (images/digits_<panel>.png), then prints checkpoints/digits/evaluation.md. Then the guided models
 (checkpoints/digits_cond/): images/digits_cond_demo.png holds one row per digit and a block per guidance
-weight w = 0, 1, 2, 4, the 128-step CFG teacher (two network calls per step) above its 4-step
+weight w = 0, 1, 2, 4, the 128-step CFG teacher (two network calls per step, one at w = 0) above its 4-step
 guidance-distilled student (one call per step), every block from the same noise; then the headline of
 checkpoints/digits_cond/evaluation.md.
 
@@ -21,9 +21,10 @@ import torchvision
 from PIL import Image, ImageDraw
 
 from cli import ArgumentParser, UserError, main_guard, seed_value
-from sample_utils import SAMPLER_LABELS as LABELS, add_sampler_arguments, generate, nfe, sampler_from_args
-from script_utils import (choose_device, guided_network, load_model_from_checkpoint, load_user_module,
-                          make_sampling_diffusion)
+from runtime import choose_device
+from sample_utils import add_sampler_arguments, generate, nfe, sampler_from_args, spec_grid
+from samplers import LABELS
+from user_modules import guided_network, load_model_from_checkpoint, load_user_module
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = os.path.join(ROOT, "checkpoints", "digits")
@@ -37,9 +38,9 @@ ZOOM = 4  # pixels per digit pixel in the pictures
 def panels(base_steps, spec):
     """(file name, model, checkpoint folder, spec) of each panel, all with the sampler of `spec`; a file
     name of None is <model>_<steps>_steps."""
-    every_step = spec._replace(steps=0, schedule="time", time_scale=1)
-    few = spec if (spec.steps, spec.schedule, spec.time_scale) != (0, "time", 1) else every_step._replace(
-        time_scale=base_steps // 8)
+    every_step = spec._replace(steps=0, schedule="time", coarsen=1)
+    few = spec if (spec.steps, spec.schedule, spec.coarsen) != (0, "time", 1) else every_step._replace(
+        coarsen=base_steps // 8)
     return [("base", "base", "original", every_step), (None, "base", "original", few),
             (None, "distilled", "base_3", every_step), (None, "distilled", "base_4", every_step),
             (None, "distilled", "base_6", every_step)]
@@ -48,10 +49,10 @@ def panels(base_steps, spec):
 def sample_panel(module, folder, spec, args, device):
     """(images in [-1, 1], number of steps) of one panel."""
     model, ckpt = load_model_from_checkpoint(module, os.path.join(SHIPPED, folder, "checkpoint.pt"), device)
-    diffusion = make_sampling_diffusion(model, ckpt, spec.time_scale, device=device)
-    samples = generate(diffusion, spec, range(args.num_images), list(model.image_size[1:]), args.seed,
+    grid = spec_grid(spec, ckpt)
+    samples = generate(model, grid, spec, range(args.num_images), list(model.image_size[1:]), args.seed,
                        device=device, chunk_size=args.chunk_size)
-    return samples.clamp(-1, 1), nfe(spec, diffusion)
+    return samples.clamp(-1, 1), nfe(grid, model)
 
 
 def to_picture(samples, nrow):
@@ -65,21 +66,19 @@ def guided_picture(spec, args, device):
     model of GUIDED_PANELS, all with spec's sampler through all the model's steps, from the same noise."""
     module = load_user_module("digits_cond_u")
     labels = torch.arange(module.NUM_CLASSES).repeat_interleave(PER_DIGIT)
-    spec = spec._replace(steps=0, schedule="time", time_scale=1)
+    spec = spec._replace(steps=0, schedule="time", coarsen=1)
     rows = []
     for folder, who in GUIDED_PANELS:
         model, ckpt = load_model_from_checkpoint(module, os.path.join(SHIPPED_GUIDED, folder, "checkpoint.pt"), device)
-        diffusion = make_sampling_diffusion(guided_network(model, ckpt), ckpt, device=device)
+        net, grid = guided_network(model, ckpt), spec_grid(spec, ckpt)
         pictures, captions = [], []
         for w in GUIDANCE_WEIGHTS:
-            samples = generate(diffusion, spec, range(len(labels)), list(model.image_size[1:]), args.seed,
+            samples = generate(net, grid, spec, range(len(labels)), list(model.image_size[1:]), args.seed,
                                extra_args={"y": labels.to(device), "w": w}, device=device, chunk_size=args.chunk_size)
             pictures.append(to_picture(samples.clamp(-1, 1), PER_DIGIT))
-            captions.append(f"w = {w:g}")
-        calls, steps = nfe(spec, diffusion), diffusion.num_timesteps
-        rows.append(side_by_side(pictures, captions, title=f"{who}: {steps} steps, {calls} network calls "
-                                                            f"({LABELS[spec.name]})"))
-        print(f"{who}, {steps} steps ({calls} calls), w = {', '.join(f'{w:g}' for w in GUIDANCE_WEIGHTS)}")
+            captions.append(f"w = {w:g}: {nfe(grid, net, w)} calls")
+        rows.append(side_by_side(pictures, captions, title=f"{who}: {len(grid)} steps ({LABELS[spec.name]})"))
+        print(f"{who}, {len(grid)} steps, w = {', '.join(f'{w:g}' for w in GUIDANCE_WEIGHTS)}")
     return stacked(rows)
 
 

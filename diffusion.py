@@ -1,29 +1,33 @@
-"""v-parameterised Gaussian diffusion with the cosine schedule, and progressive distillation.
+"""The math of v-parameterised Gaussian diffusion and of progressive distillation, as pure functions.
 
 References
 - Salimans & Ho, "Progressive Distillation for Fast Sampling of Diffusion Models", ICLR 2022
   (Algorithm 2; Appendix D for the v-parameterisation).
 - Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models", 2021 (Eq. 17, cosine schedule).
-- Ho et al., "Denoising Diffusion Probabilistic Models", 2020 (Eq. 6-7, the posterior q(x_{t-1}|x_t, x_0)).
-- Song et al., "Denoising Diffusion Implicit Models", 2021 (Eq. 12 and 16, DDIM with eta).
-The samplers themselves are samplers.py; p_sample_loop and the one-step methods are thin wrappers over them.
+- Ho et al., "Denoising Diffusion Probabilistic Models", 2020 (Eq. 4, q_sample; Eq. 6-7, the posterior).
+- Kingma et al., "Variational Diffusion Models", 2021 (Sec. 3: q(z_t | z_s) and q(z_s | z_t, x) for any s < t).
+- Song et al., "Denoising Diffusion Implicit Models", 2021 (Eq. 12, the generalised step; Eq. 16, sigma_eta).
 
-Conventions (SPEC "Diffusion conventions"): N discrete steps, index i = 0..N-1 is continuous time
-(i+1)/N, index 0 the least noisy. Schedule tables are kept in float64; `_extract` indexes and casts them.
-z = alpha x + sigma eps, v = alpha eps - sigma x (alpha^2 + sigma^2 = 1).
+Conventions (SPEC "Diffusion conventions"): a model of N steps has indices i = 0..N-1, index i the noise
+level of continuous time (i+1)/N, index 0 the least noisy. z = alpha x + sigma eps with alpha^2 + sigma^2 = 1.
+Every table is float64; `extract` indexes one and casts it for a batch.
 
-This module is the math only: it imports no training code.
+A **grid** (`Grid`) is the list of noise levels a sampler visits, noisiest first, each with its (alpha, sigma)
+and the float time label the network receives there, ending at clean data (alpha 1, sigma 0). `model_grid`
+gives all N levels of a model; samplers.py and the losses take any grid.
+
+`GaussianDiffusion`, the original's one-object sampling API, is reached from here but lives in original.py.
+This module imports no training code and knows nothing of networks beyond "a function of (z, label)".
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
-import samplers
-
 TIME_LABELS = ("aligned", "original")
-SAMPLERS = ("ddpm", "clipped")
-DISTILL_WEIGHTINGS = ("snr+1", "truncated_snr", "original")
 
+
+# -- the schedule -------------------------------------------------------------------------------
 
 def make_beta_schedule(schedule, n_timestep, cosine_s=8e-3):
     """Float64 betas of the cosine schedule as the original builds it (Nichol & Dhariwal Eq. 17).
@@ -41,224 +45,179 @@ def make_beta_schedule(schedule, n_timestep, cosine_s=8e-3):
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
 
 
-def _extract(table, t, x):
-    """table[t] as float64 of shape [B, 1, ..., 1], broadcastable against x."""
-    if table.device != t.device:
-        table = table.to(t.device)
-    out = table[t.long()]
-    return out.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+def alpha_sigma_tables(betas):
+    """(alpha_i, sigma_i) = (sqrt(alphas_cumprod_i), sqrt(1 - alphas_cumprod_i)), alphas_cumprod the
+    cumulative product of 1 - beta (Ho et al. Eq. 4), in float64."""
+    alphas_cumprod = torch.cumprod(1 - betas.to(torch.float64), 0)
+    return alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
 
 
-class GaussianDiffusion:
-    """v-parameterised diffusion over `net` (which maps (z, time label, **extra_args) to v).
+def extract(table, index, like):
+    """table[index] as float64 of shape [B, 1, ..., 1] on like's device, broadcastable against `like`.
+    index: one integer for the whole batch, or a tensor of B integers."""
+    table = table.to(device=like.device, dtype=torch.float64)
+    if isinstance(index, int):
+        index = torch.full((like.shape[0],), index, dtype=torch.long, device=like.device)
+    return table[index.to(like.device).long()].reshape(-1, *([1] * (like.ndim - 1)))
 
-    time_scale: how many base-model steps one step of this model spans.
-    sampler: the sampler of p_sample_loop, the original's names: "ddpm" (ancestral, its default) or
-        "clipped" (DDIM with x and eps clipping). samplers.SAMPLERS holds the whole family.
-    time_labels: "aligned" feeds the network (i+1)*time_scale - 1, the base index of the same noise
-        level; "original" feeds i*time_scale, as the original implementation did (SPEC "Time labels").
+
+def time_labels_of(indices, time_scale, convention="aligned"):
+    """The float labels the network of a model at `time_scale` receives at its step indices (SPEC "Time
+    labels"): "aligned" (i + 1) s - 1, the base index of the same noise level; "original" i s, as the
+    original implementation fed them. Both are i at s = 1."""
+    if convention not in TIME_LABELS:
+        raise ValueError(f"unknown time_labels {convention!r}; choose one of {TIME_LABELS}")
+    indices = torch.as_tensor(indices, dtype=torch.float64)
+    return (indices + 1) * time_scale - 1 if convention == "aligned" else indices * time_scale
+
+
+# -- the v-parameterisation (Salimans & Ho, Appendix D) -------------------------------------------
+
+def q_sample(x, eps, alpha, sigma):
+    """z = alpha x + sigma eps (Ho et al. Eq. 4)."""
+    return alpha * x + sigma * eps
+
+
+def predict_v(x, eps, alpha, sigma):
+    """v = alpha eps - sigma x, the training target of a v-model."""
+    return alpha * eps - sigma * x
+
+
+def predict_start_from_v(z, v, alpha, sigma):
+    """x = alpha z - sigma v."""
+    return alpha * z - sigma * v
+
+
+def predict_eps_from_v(z, v, alpha, sigma):
+    """eps = sigma z + alpha v."""
+    return sigma * z + alpha * v
+
+
+def predict_eps_from_start(z, x, alpha, sigma):
+    """eps = (z - alpha x) / sigma (undefined at clean data, sigma = 0)."""
+    return (z - alpha * x) / sigma
+
+
+# -- transitions between two levels s < t -------------------------------------------------------
+
+def forward_transition(alpha_s, sigma_s, alpha_t, sigma_t):
+    """(alpha_{t|s}, sigma_{t|s}^2) of q(z_t | z_s) = N(alpha_{t|s} z_s, sigma_{t|s}^2) (Kingma et al. Sec. 3)."""
+    alpha_ts = alpha_t / alpha_s
+    return alpha_ts, sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2
+
+
+def posterior(alpha_s, sigma_s, alpha_t, sigma_t):
+    """(c_x, c_z, variance) of q(z_s | z_t, x) = N(c_x x + c_z z_t, variance) (Kingma et al. Sec. 3):
+    c_x = alpha_s sigma_{t|s}^2/sigma_t^2, c_z = alpha_{t|s} sigma_s^2/sigma_t^2, variance =
+    sigma_{t|s}^2 sigma_s^2/sigma_t^2. For s = t-1 these are Ho et al.'s Eq. 7; into clean data (1, 0)."""
+    alpha_ts, variance_ts = forward_transition(alpha_s, sigma_s, alpha_t, sigma_t)
+    return (alpha_s * variance_ts / sigma_t ** 2, alpha_ts * sigma_s ** 2 / sigma_t ** 2,
+            variance_ts * sigma_s ** 2 / sigma_t ** 2)
+
+
+def ddim_sigma(eta, alpha_s, sigma_s, alpha_t, sigma_t):
+    """sigma_eta = eta (sigma_s/sigma_t) sqrt(1 - alpha_t^2/alpha_s^2) (Song et al. Eq. 16 times eta): eta = 1
+    is the posterior's standard deviation, eta = 0 deterministic DDIM."""
+    return eta * (sigma_s / sigma_t) * (1 - alpha_t ** 2 / alpha_s ** 2).sqrt()
+
+
+def ddim_step(x_hat, eps_hat, alpha_s, sigma_s, noise_scale=0.0, noise=None):
+    """z_s = alpha_s x_hat + sqrt(sigma_s^2 - sigma_eta^2) eps_hat + sigma_eta noise (Song et al. Eq. 12),
+    sigma_eta = noise_scale (ddim_sigma). Into clean data (alpha 1, sigma 0) this is x_hat."""
+    if noise is None:
+        return alpha_s * x_hat + sigma_s * eps_hat
+    return alpha_s * x_hat + (sigma_s ** 2 - noise_scale ** 2).sqrt() * eps_hat + noise_scale * noise
+
+
+def half_log_snr(alpha, sigma):
+    """lambda = log(alpha/sigma), the time variable of DPM-Solver (Lu et al. 2022)."""
+    return (alpha / sigma).log()
+
+
+# -- Algorithm 2 of Salimans & Ho ----------------------------------------------------------------
+
+def two_teacher_steps(teacher_x, z, levels):
+    """The two deterministic DDIM steps of the teacher in Algorithm 2: teacher_x(z, k) is its x prediction at
+    its level k in {0, 1}; levels = ((alpha_t, sigma_t), (alpha_1, sigma_1), (alpha_2, sigma_2)) are the
+    teacher's levels t, t-1, t-2 (the last may be clean data, alpha 1, sigma 0). z' = DDIM(z, t -> t-1),
+    z'' = DDIM(z', t-1 -> t-2). Returns (z'', the second x prediction)."""
+    (alpha_t, sigma_t), (alpha_1, sigma_1), (alpha_2, sigma_2) = levels
+    x_1 = teacher_x(z, 0)
+    z_1 = ddim_step(x_1, predict_eps_from_start(z, x_1, alpha_t, sigma_t), alpha_1, sigma_1)
+    x_2 = teacher_x(z_1, 1)
+    return ddim_step(x_2, predict_eps_from_start(z_1, x_2, alpha_1, sigma_1), alpha_2, sigma_2), x_2
+
+
+def distillation_target(z, z_2, levels):
+    """Algorithm 2's target x~ = (z'' - (sigma_2/sigma_t) z)/(alpha_2 - (sigma_2/sigma_t) alpha_t): the x for
+    which one DDIM step of the student from z at level t lands exactly on the teacher's z'' at level t-2
+    (levels as in two_teacher_steps). Into clean data (sigma_2 = 0) it is z'', the second x prediction."""
+    (alpha_t, sigma_t), _, (alpha_2, sigma_2) = levels
+    ratio = sigma_2 / sigma_t
+    return (z_2 - ratio * z) / (alpha_2 - ratio * alpha_t)
+
+
+# -- grids ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Grid:
+    """The noise levels a sampler visits, noisiest first, ending at clean data.
+
+    alphas, sigmas: float64 [K + 1], the last entry clean data (1, 0); labels: float64 [K], the time label
+    the network receives at each of the K levels it is called at. sigma decreases strictly along the grid.
     """
+    alphas: torch.Tensor
+    sigmas: torch.Tensor
+    labels: torch.Tensor
 
-    def __init__(self, net, betas, time_scale=1, sampler="ddpm", time_labels="aligned"):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-        if time_labels not in TIME_LABELS:
-            raise ValueError(f"unknown time_labels {time_labels!r}; choose one of {TIME_LABELS}")
-        self.net_ = net
-        self.time_scale = time_scale
-        self.sampler = sampler
-        self.time_labels = time_labels
+    def __post_init__(self):
+        k = self.labels.shape[0]
+        if k < 1 or self.alphas.shape != (k + 1,) or self.sigmas.shape != (k + 1,):
+            raise ValueError(f"a grid has K >= 1 labels and K + 1 levels; got {k} labels, {tuple(self.alphas.shape)} "
+                             f"alphas and {tuple(self.sigmas.shape)} sigmas")
+        if float(self.alphas[-1]) != 1.0 or float(self.sigmas[-1]) != 0.0:
+            raise ValueError("a grid ends at clean data (alpha 1, sigma 0)")
+        if not bool((self.sigmas[1:] < self.sigmas[:-1]).all()):
+            raise ValueError(f"the noise levels of a grid must decrease strictly, noisiest first; got sigma "
+                             f"{[round(float(s), 6) for s in self.sigmas]}")
 
-        betas = betas.to(torch.float64)
-        self.num_timesteps = int(betas.shape[0])
-        alphas_cumprod = torch.cumprod(1 - betas, 0)
-        self.betas = betas
-        self.alphas_cumprod = alphas_cumprod
-        self.sqrt_alphas_cumprod = alphas_cumprod.sqrt()  # alpha_i
-        self.sqrt_one_minus_alphas_cumprod = (1 - alphas_cumprod).sqrt()  # sigma_i
+    def __len__(self):
+        """The number of levels the network is called at (NFE of one image without guidance)."""
+        return self.labels.shape[0]
 
-    # -- tables and the network -------------------------------------------------------------
+    def level(self, k, like):
+        """(alpha_k, sigma_k) of point k (k = len(self) is clean data), shaped to broadcast against `like`."""
+        return extract(self.alphas, k, like), extract(self.sigmas, k, like)
 
-    def get_alpha_sigma(self, x, t):
-        """(alpha_t, sigma_t) in float64, shaped to broadcast against x."""
-        return _extract(self.sqrt_alphas_cumprod, t, x), _extract(self.sqrt_one_minus_alphas_cumprod, t, x)
+    def label(self, k, like):
+        """The float32 time label of point k, one per row of `like`."""
+        return extract(self.labels, k, like).reshape(-1).float()
 
-    def time_label(self, t):
-        """The float label the network receives for step index t (SPEC "Time labels")."""
-        t = t.to(torch.float32)
-        if self.time_labels == "aligned":
-            return (t + 1) * self.time_scale - 1
-        return t * self.time_scale
-
-    def inference(self, z, t, extra_args):
-        """The network's v prediction at index t, in float64."""
-        return self.net_(z.float(), self.time_label(t), **extra_args).double()
-
-    @staticmethod
-    def predict_start_from_v(z, v, alpha, sigma):
-        """x = alpha z - sigma v (Salimans & Ho, Appendix D)."""
-        return alpha * z - sigma * v
-
-    @staticmethod
-    def predict_v(x_0, eps, alpha, sigma):
-        return alpha * eps - sigma * x_0
-
-    def q_sample(self, x_0, t, noise):
-        alpha, sigma = self.get_alpha_sigma(x_0, t)
-        return alpha * x_0 + sigma * noise
-
-    # -- training ---------------------------------------------------------------------------
-
-    def p_loss(self, x_0, t, extra_args, noise=None, reduction="mean"):
-        """MSE between predicted and true v ("SNR+1" weighting of the x error).
-
-        reduction="none" returns one loss per sample (for per-noise-level logging).
-        """
-        if noise is None:
-            noise = torch.randn_like(x_0)
-        alpha, sigma = self.get_alpha_sigma(x_0, t)
-        z = alpha * x_0 + sigma * noise
-        v_pred = self.net_(z.float(), self.time_label(t), **extra_args).float()
-        v = self.predict_v(x_0, noise, alpha, sigma).float()
-        return _reduce((v_pred - v) ** 2, reduction)
-
-    # -- sampling: the original's one-step methods and p_sample_loop, over samplers.py ----------
-    # t holds one step index for the whole batch, as in sampling; index -1 is clean data.
-
-    def q_posterior(self, x_0, x_t, t):
-        """Mean, variance and log-variance (clipped at 1e-20) of q(x_{t-1} | x_t, x_0), Ho et al. Eq. 6-7."""
-        i = int(t[0])
-        c_x, c_z, variance = samplers.posterior(*samplers.alpha_sigma(self, x_t, i - 1),
-                                                *samplers.alpha_sigma(self, x_t, i))
-        return c_x * x_0 + c_z * x_t, variance, variance.clamp(min=1e-20).log()
-
-    def p_mean_variance(self, x, t, extra_args, clip_denoised=True):
-        x_recon = samplers.predict_x(self, x, int(t[0]), extra_args, clip_value=1.0 if clip_denoised else None)
-        return self.q_posterior(x_recon, x, t)
-
-    def p_sample_ddpm(self, x, t, extra_args, clip_denoised=True, **_):
-        """One ancestral step (samplers.ancestral_step) with x clipped to [-1, 1]; no noise at index 0."""
-        i = int(t[0])
-        return samplers.ancestral_step(self, x, i, i - 1, extra_args, lambda: torch.randn_like(x), clip_denoised)[0]
-
-    def p_sample_clipped(self, x, t, extra_args, eta=0.0, clip_denoised=True, clip_value=1.2):
-        """One DDIM step (samplers.ddim_step) with x and eps clipped at clip_value."""
-        i = int(t[0])
-        return samplers.ddim_step(self, x, i, i - 1, extra_args, lambda: torch.randn_like(x), eta,
-                                  clip_value if clip_denoised else None)[0]
-
-    def p_sample(self, x, t, extra_args, eta=0.0, clip_denoised=True, clip_value=1.2):
-        if self.sampler == "ddpm":
-            return self.p_sample_ddpm(x, t, extra_args, clip_denoised=clip_denoised)
-        return self.p_sample_clipped(x, t, extra_args, eta=eta, clip_denoised=clip_denoised, clip_value=clip_value)
-
-    @torch.no_grad()
-    def p_sample_loop(self, x, extra_args=None, eta=0.0, clip_value=1.2, clip_denoised=True,
-                      callback=None, progress=False, noise=None):
-        """Sample from noise x through all N steps, index N-1 down to 0, with this diffusion's sampler:
-        samplers.sample_ancestral for "ddpm", samplers.sample_ddim (eta, clipping at clip_value) for
-        "clipped"; clip_denoised=False turns the clipping off.
-
-        callback(i, x_i) is called after each step with the new state (for trajectory pictures);
-        noise(step_number, like) gives each step's noise (None: torch.randn_like). The state is kept
-        in float64 between steps, as in the original; the result has x's dtype.
-        """
-        steps = range(self.num_timesteps - 1, -1, -1)
-        on_step = None if callback is None else (lambda k, i, state, x_hat: callback(i, state))
-        was_training = self.net_.training
-        self.net_.eval()
-        if self.sampler == "ddpm":
-            out = samplers.sample_ancestral(self, x, steps, extra_args, on_step, progress, noise, clip=clip_denoised)
-        else:
-            out = samplers.sample_ddim(self, x, steps, extra_args, on_step, progress, noise, eta=eta,
-                                       clip_value=clip_value if clip_denoised else None)
-        self.net_.train(was_training)
-        return out
+    def take(self, points):
+        """The grid of the given points (increasing positions in this grid), ending at clean data."""
+        points = torch.as_tensor(list(points), dtype=torch.long)
+        ends = torch.cat([points, torch.tensor([len(self)])])
+        return Grid(self.alphas[ends], self.sigmas[ends], self.labels[points])
 
 
-class GaussianDiffusionDefault(GaussianDiffusion):
-    """A GaussianDiffusion that can act as the teacher of progressive distillation."""
-
-    def __init__(self, *args, weighting="snr+1", gamma=0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        if weighting not in DISTILL_WEIGHTINGS:
-            raise ValueError(f"unknown distillation weighting {weighting!r}; choose one of {DISTILL_WEIGHTINGS}")
-        if not math.isfinite(gamma):
-            raise ValueError(f"gamma must be a finite number, got {gamma}")
-        if gamma and weighting == "truncated_snr":
-            raise ValueError("gamma weights the v error; the truncated_snr weighting has none (use gamma 0)")
-        self.weighting = weighting
-        self.gamma = gamma
-
-    def _two_teacher_steps(self, x, t, extra_args, eps, clip):
-        """Two deterministic DDIM steps of the teacher from z at index t+1 to t-1 (clip: the original's
-        x clipping). Returns z, z_1 (the state at t) and x_2 (the x-prediction at t)."""
-        t1 = t + 1
-        alpha, sigma = self.get_alpha_sigma(x, t1)
-        z = alpha * x + sigma * eps
-        x_1 = self.predict_start_from_v(z, self.inference(z, t1, extra_args), alpha, sigma)
-        x_1 = x_1.clamp(-1, 1) if clip else x_1
-        alpha_1, sigma_1 = self.get_alpha_sigma(x, t)
-        z_1 = alpha_1 * x_1 + (sigma_1 / sigma) * (z - alpha * x_1)
-        x_2 = self.predict_start_from_v(z_1, self.inference(z_1, t, extra_args), alpha_1, sigma_1)
-        return z, z_1, (x_2.clamp(-1, 1) if clip else x_2)
-
-    @torch.inference_mode()
-    def distill_target(self, x, t, extra_args, eps):
-        """Algorithm 2 of Salimans & Ho: two deterministic DDIM teacher steps and the closed-form target.
-
-        t holds even teacher indices 2j (student index j); the noise level is that of teacher index
-        t+1. Returns (z, x_target) in float64: the x for which one student DDIM step from z lands
-        exactly where the teacher's two steps land. No clipping, as in the official code.
-        """
-        z, z_1, x_2 = self._two_teacher_steps(x, t, extra_args, eps, clip=False)
-        alpha, sigma = self.get_alpha_sigma(x, t + 1)
-        alpha_1, sigma_1 = self.get_alpha_sigma(x, t)
-        # Index t-1; index -1 is clean data (alpha 1, sigma 0), where z'' = x_2.
-        alpha_2, sigma_2 = self.get_alpha_sigma(x, (t - 1).clamp(min=0))
-        clean = (t == 0).reshape(alpha_2.shape)
-        alpha_2 = torch.where(clean, torch.ones_like(alpha_2), alpha_2)
-        sigma_2 = torch.where(clean, torch.zeros_like(sigma_2), sigma_2)
-        z_2 = alpha_2 * x_2 + (sigma_2 / sigma_1) * (z_1 - alpha_1 * x_2)
-        ratio = sigma_2 / sigma
-        return z, (z_2 - ratio * z) / (alpha_2 - ratio * alpha)
-
-    @torch.inference_mode()
-    def original_distill_target(self, x, t, extra_args, eps):
-        """The original implementation's target: the teacher's clipped second x-prediction."""
-        z, _, x_2 = self._two_teacher_steps(x, t, extra_args, eps, clip=True)
-        return z, x_2
-
-    def distill_inputs(self, x, t, extra_args, eps, original=False):
-        """(z, x_target) as ordinary tensors (the teacher itself runs under inference mode)."""
-        target = self.original_distill_target if original else self.distill_target
-        z, x_target = target(x, t, extra_args, eps)
-        return z.clone(), x_target.clone()
-
-    def distill_loss(self, student_diffusion, x, t, extra_args, eps=None, reduction="mean"):
-        """Loss of the student (N/2 steps) against this teacher's two-step target at student index t//2.
-
-        Weightings: "snr+1" - MSE in v space (x error weighted by 1/sigma^2 = SNR+1); "truncated_snr" -
-            max(SNR, 1) times the x error (the "truncated SNR" weighting of Salimans & Ho); "original" -
-            the original implementation's clipped target in v space. With gamma g (snr+1 and original)
-            the v error is the original's mse(w v_student, w v_target) with w = (1 + alpha/sigma)^g,
-            i.e. the squared error times w^2 = (1 + alpha/sigma)^(2g).
-        """
-        if eps is None:
-            eps = torch.randn_like(x, dtype=torch.float64)
-        z, x_target = self.distill_inputs(x.double(), t, extra_args, eps, original=self.weighting == "original")
-        j = torch.div(t, 2, rounding_mode="floor")
-        alpha_s, sigma_s = student_diffusion.get_alpha_sigma(x, j)
-        v_student = student_diffusion.net_(z.float(), student_diffusion.time_label(j), **extra_args).float()
-        if self.weighting == "truncated_snr":
-            x_student = alpha_s.float() * z.float() - sigma_s.float() * v_student
-            weight = (alpha_s ** 2 / sigma_s ** 2).clamp(min=1).float()
-            return _reduce(weight * (x_student - x_target.float()) ** 2, reduction)
-        v_target = ((alpha_s * z - x_target) / sigma_s).float()
-        weight_squared = (1 + alpha_s / sigma_s).pow(2 * self.gamma).float() if self.gamma else 1.0
-        return _reduce(weight_squared * (v_student - v_target) ** 2, reduction)
+def model_grid(betas, time_scale=1, time_labels="aligned"):
+    """All N levels of a model with `betas`, index N-1 down to 0, and the labels of its time scale."""
+    alpha, sigma = alpha_sigma_tables(betas)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    indices = torch.arange(betas.shape[0] - 1, -1, -1)
+    return Grid(torch.cat([alpha[indices], one]), torch.cat([sigma[indices], zero]),
+                time_labels_of(indices, time_scale, time_labels))
 
 
-def _reduce(squared_error, reduction):
-    per_sample = squared_error.flatten(1).mean(1)
-    return per_sample if reduction == "none" else per_sample.mean()
+def grid_indices(grid_size, indices):
+    """Positions in a model's full grid of N points of its step indices (position N-1-i for index i)."""
+    return [grid_size - 1 - int(i) for i in indices]
+
+
+def __getattr__(name):
+    """`from diffusion import GaussianDiffusion` keeps working: the original's one-object API lives in
+    original.py, out of this module's way, and is loaded only when asked for."""
+    if name == "GaussianDiffusion":
+        from original import GaussianDiffusion
+        return GaussianDiffusion
+    raise AttributeError(f"module 'diffusion' has no attribute {name!r}")

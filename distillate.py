@@ -27,17 +27,21 @@ model. Every student records num_classes, null_label, cond_drop_prob and guidanc
 stage one's optimizer steps (default: --num_iters, as each halving). Reruns resume as above.
 """
 import argparse
+import functools
 import os
 
 import torch
 
+from checkpoints import (CHECKPOINT_NAME, OWN_COSINE_TABLE, checkpoint_channel_order, checkpoint_conditioning,
+                         checkpoint_grid, checkpoint_time_labels, continued_checkpoint, load_checkpoint)
 from cli import UserError, main_guard
-from script_utils import (CHECKPOINT_NAME, checkpoint_channel_order, checkpoint_conditioning, checkpoint_time_labels,
-                          load_checkpoint, load_user_module, make_diffusion, make_guidance_student, make_user_dataset,
-                          model_for_checkpoint)
-from losses import make_distillation_loss, make_guidance_distillation_loss
+from guidance import ClassifierFreeGuidance
+from lr_schedules import check_training_arguments
 from runtime import RunContext
-from train_utils import Trainer, check_training_arguments, distill_argument_parser
+from train_flags import distill_argument_parser
+from train_utils import Stage, distillation_loss, guidance_loss, train
+from user_modules import (data_channel_order, extra_args_fn, make_guidance_student, load_user_module,
+                          make_user_dataset, model_for_checkpoint)
 
 
 def check_teacher(resume, resume_path, teacher_path, n, time_scale):
@@ -63,58 +67,65 @@ def check_guidance_teacher(record, teacher_path):
                         f"{record['guidance_range']}); distil it with halvings, without --guidance_distill")
 
 
-def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume_path, guidance=False):
-    """One stage: teacher at teacher_path -> student in checkpoints/<name>/<dname>. A halving (Algorithm 2);
-    with guidance=True stage one of guidance distillation instead (same steps, a w-input student). Returns
-    its path and the training status."""
+def prepare_teacher(args, ctx, teacher):
+    """The teacher on the device without gradients, in eval mode, channels_last and compiled as asked."""
+    teacher.to(ctx.device).eval().requires_grad_(False)
+    if args.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return torch.compile(teacher) if args.compile else teacher
+
+
+def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, guidance_stage_one=False):
+    """One stage: the teacher at teacher_path -> a student in checkpoints/<name>/<dname>. A halving (Algorithm
+    2: N/2 steps at twice the time scale); with guidance_stage_one=True stage one of guidance distillation
+    instead (the teacher's steps, a w-input student). resume: (checkpoint, path) to continue, or None.
+    Returns the student's path and the training status."""
     teacher_ckpt = load_checkpoint(teacher_path, map_location="cpu")
     n, time_scale = int(teacher_ckpt["n_timesteps"]), teacher_ckpt["time_scale"]
     record = checkpoint_conditioning(teacher_ckpt)  # the student keeps its teacher's conditioning
-    if guidance:
+    teacher = prepare_teacher(args, ctx, model_for_checkpoint(module, teacher_ckpt, teacher_path))
+    if guidance_stage_one:
         check_guidance_teacher(record, teacher_path)
         record["guidance_range"] = [args.w_min, args.w_max]
         student_n, student_scale, time_labels = n, time_scale, checkpoint_time_labels(teacher_ckpt)
+        student = make_guidance_student(module, teacher_ckpt["G"], teacher_path)
     elif n < 2 or n % 2:
         raise UserError(f"cannot distil {teacher_path}: it samples in {n} step(s); a teacher needs an even number of steps")
     else:
         student_n, student_scale, time_labels = n // 2, 2 * time_scale, "aligned"
-    teacher = model_for_checkpoint(module, teacher_ckpt, teacher_path)
-    if guidance:
-        student = make_guidance_student(module, teacher_ckpt["G"], teacher_path)
-    else:
         student = model_for_checkpoint(module, teacher_ckpt, teacher_path)
-
+    channel_order = checkpoint_channel_order(teacher_ckpt)  # the student keeps its teacher's order
     checkpoint_dir = os.path.join("checkpoints", args.name, dname)
     meta = {"n_timesteps": student_n, "time_scale": student_scale, "time_labels": time_labels,
-            "stage": "guidance" if guidance else "distill",
-            "channel_order": checkpoint_channel_order(teacher_ckpt),  # the student keeps its teacher's order
-            "teacher": {"path": teacher_path, "n_timesteps": n, "time_scale": time_scale}, **record}
-    trainer = Trainer(args, ctx, student, checkpoint_dir, meta)
-    if resume_path:
-        resume = load_checkpoint(resume_path)
-        if resume["n_timesteps"] != student_n or resume["time_scale"] != student_scale:
-            raise UserError(f"{resume_path} has {resume['n_timesteps']} steps at time scale {resume['time_scale']}, "
+            "noise_levels": OWN_COSINE_TABLE, "stage": "guidance" if guidance_stage_one else "distill",
+            "channel_order": channel_order, "teacher": {"path": teacher_path, "n_timesteps": n, "time_scale": time_scale},
+            **record}
+    if resume is not None:
+        ckpt, path = resume
+        if ckpt["n_timesteps"] != student_n or ckpt["time_scale"] != student_scale:
+            raise UserError(f"{path} has {ckpt['n_timesteps']} steps at time scale {ckpt['time_scale']}, "
                             f"but the student of {teacher_path} has {student_n} at {student_scale}")
-        if checkpoint_conditioning(resume) != record:
-            raise UserError(f"{resume_path} records the conditioning {checkpoint_conditioning(resume)}, but this "
+        if checkpoint_conditioning(ckpt) != record:
+            raise UserError(f"{path} records the conditioning {checkpoint_conditioning(ckpt)}, but this "
                             f"student of {teacher_path} would have {record}; give the same flags, or another --dname")
-        check_teacher(resume, resume_path, teacher_path, n, time_scale)
-        trainer.restore(resume, resume_path)
+        check_teacher(ckpt, path, teacher_path, n, time_scale)
 
-    if guidance:
-        loss_fn = make_guidance_distillation_loss(args, ctx, module, teacher, trainer.net, n, time_scale, time_labels,
-                                                  meta["channel_order"], record)
+    teacher_grid, student_grid = checkpoint_grid(teacher_ckpt), checkpoint_grid(meta)
+    if guidance_stage_one:
+        loss = functools.partial(guidance_loss, teacher=ClassifierFreeGuidance(teacher, record["null_label"]),
+                                 grid=teacher_grid)
+        n_levels, eps_dtype = n, torch.float32
         print(f"Guidance distillation, stage one: {teacher_path} ({n} steps, time scale {time_scale}) under "
               f"guidance w in [{args.w_min:g}, {args.w_max:g}] into {checkpoint_dir} (a w-input model, same steps)")
     else:
-        loss_fn = make_distillation_loss(args, ctx, module, teacher, trainer.net, n, time_scale,
-                                         checkpoint_time_labels(teacher_ckpt), channel_order=meta["channel_order"],
-                                         record=record)
+        loss = functools.partial(distillation_loss, teacher=teacher, teacher_grid=teacher_grid,
+                                 student_grid=student_grid, weighting=args.weighting, gamma=args.gamma)
+        n_levels, eps_dtype = n // 2, torch.float64
         print(f"Distilling {teacher_path} ({n} steps, time scale {time_scale}) into {checkpoint_dir} "
               f"({n // 2} steps, time scale {2 * time_scale})")
-    sample_diffusion = make_diffusion(trainer.sampling_model, student_n, student_scale, device=ctx.device,
-                                      time_labels=time_labels)
-    status = trainer.fit(dataset, loss_fn, sample_diffusion, bgr=meta["channel_order"] == "BGR")
+    stage = Stage(student, loss, n_levels, eps_dtype, record, extra_args_fn(module), student_grid, checkpoint_dir,
+                  meta, flip_channels=channel_order != data_channel_order(module))
+    status = train(args, ctx, stage, dataset, resume)
     return os.path.join(checkpoint_dir, CHECKPOINT_NAME), status
 
 
@@ -136,8 +147,7 @@ def check_guidance_arguments(args):
 
 @main_guard
 def main(argv=None):
-    parser = distill_argument_parser(__doc__)
-    args = parser.parse_args(argv)
+    args = distill_argument_parser(__doc__).parse_args(argv)
     check_training_arguments(args)
     check_guidance_arguments(args)
     if args.weighting == "truncated_snr" and args.gamma:
@@ -153,17 +163,15 @@ def main(argv=None):
     teacher_path = args.base_checkpoint
     # (suffix of the stage's dname, whether it is stage one of guidance distillation)
     stages = ([("w", True)] if args.guidance_distill else []) + [(k, False) for k in range(args.num_stages)]
-    for number, (suffix, guidance) in enumerate(stages):
+    for number, (suffix, stage_one) in enumerate(stages):
         dname = args.dname if len(stages) == 1 else f"{args.dname}_{suffix}"
         # A stage continues (or, when finished, skips) its own checkpoint unless told which to continue.
-        own = os.path.join("checkpoints", args.name, dname, CHECKPOINT_NAME)
-        resume_path = args.checkpoint_to_continue if number == 0 else ""
-        if not resume_path and os.path.isfile(own):
-            resume_path = own
+        resume = continued_checkpoint(args.checkpoint_to_continue if number == 0 else "",
+                                      os.path.join("checkpoints", args.name, dname))
         stage_args = args
-        if guidance and args.guidance_num_iters:
+        if stage_one and args.guidance_num_iters:
             stage_args = argparse.Namespace(**{**vars(args), "num_iters": args.guidance_num_iters})
-        teacher_path, status = distill_stage(stage_args, ctx, module, dataset, teacher_path, dname, resume_path, guidance)
+        teacher_path, status = distill_stage(stage_args, ctx, module, dataset, teacher_path, dname, resume, stage_one)
         if status == "stopped":
             break
     ctx.close()

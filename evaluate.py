@@ -53,15 +53,18 @@ import fid
 import metrics
 import samplers
 import seeding
-from cli import (ArgumentParser, UserError, int_list, main_guard, nonnegative_float, nonnegative_int,
-                 positive_int, str2bool, weight_list)
+from checkpoints import check_guidance_weight, checkpoint_channel_order, checkpoint_conditioning, load_checkpoint
+from cli import (ArgumentParser, UserError, add_common_arguments, int_list, main_guard, nonnegative_float,
+                 nonnegative_int, positive_int, str2bool, weight_list)
 from evaluation_report import write_outputs
+from features import Classifier, FeatureSpace
+from guidance import cfg_calls
 from metrics import KNN
-from sample_utils import ALIASES, SAMPLER_LABELS as LABELS, SamplerSpec, generate, nfe
-from script_utils import (add_common_arguments, checkpoint_channel_order, checkpoint_conditioning, choose_device,
-                          data_channel_order, extra_args_fn, guided_network, load_checkpoint,
-                          load_model_from_checkpoint, load_user_module, make_sampling_diffusion, make_user_dataset,
-                          to_channel_order)
+from runtime import choose_device
+from sample_utils import SamplerSpec, generate, nfe, spec_grid
+from samplers import LABELS
+from user_modules import (data_channel_order, extra_args_fn, guided_network, load_model_from_checkpoint,
+                          load_user_module, make_user_dataset, to_channel_order)
 
 ALL_STEPS_SAMPLERS = ("ddim", "ancestral")  # also run through all N steps of the base model
 BASE_SAMPLERS = ["ancestral", "ddim", "dpmpp_2m", "stochastic"]  # unset --samplers, unconditional base
@@ -72,12 +75,13 @@ GUIDED_DISTILLED_SAMPLERS = ["ddim"]  # unset --distilled_samplers, guidance-dis
 
 def sampler_list(value):
     """'ddim,dpmpp_2m' -> ['ddim', 'dpmpp_2m']: names of samplers.SAMPLERS ('ddpm' is 'ancestral')."""
-    names = [ALIASES.get(name, name) for name in (part.strip() for part in str(value).split(",")) if name]
-    unknown = [name for name in names if name not in samplers.SAMPLERS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown sampler {', '.join(unknown) or repr(value)}; "
-                                         f"choose from {', '.join(samplers.SAMPLERS)}")
-    return list(dict.fromkeys(names))
+    names = [name for name in (part.strip() for part in str(value).split(",")) if name]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected sampler names separated by commas, got {value!r}")
+    try:
+        return list(dict.fromkeys(samplers.sampler_name(name) for name in names))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def make_argument_parser():
@@ -172,30 +176,30 @@ def evaluation_plan(base, info, others, args):
     """[(checkpoint path, model kind, SamplerSpec, guidance weight w or None)], the reference (the base
     model's all-steps DDIM) first; for a class-conditional set the whole list once per w of --guidance,
     each w's reference first. --nfe counts network calls: the base model under classifier-free guidance
-    makes two per step, so it runs k/2 steps for an even k (an odd k is skipped)."""
+    makes two per step at w > 0 (guidance.cfg_calls), so it runs k/2 steps there for an even k (an odd k is
+    skipped), and k steps at w = 0, where one conditional call is the guided result."""
     n, _, record = info[base]
     conditional = "num_classes" in record
-    calls = 2 if conditional else 1
-    too_many = [k for k in args.nfe if k > n * calls]
+    weights = args.guidance if conditional else [None]
+    calls_at = {w: cfg_calls(w) if conditional else 1 for w in weights}
+    too_many = [k for k in args.nfe if k > n * max(calls_at.values())]
     if too_many:
         raise UserError(f"--nfe {','.join(map(str, too_many))} exceeds the base model's {n} steps"
-                        + (f" ({n * calls} network calls with classifier-free guidance)" if conditional else ""))
-    weights = args.guidance if conditional else [None]
+                        + (f" ({2 * n} network calls with classifier-free guidance)" if conditional else ""))
     for path in others:
-        w_range = info[path][2].get("guidance_range")
-        outside = [w for w in weights if w_range is not None and not w_range[0] <= w <= w_range[1]]
-        if outside:
-            raise UserError(f"--guidance {outside[0]:g} lies outside the range [{w_range[0]:g}, {w_range[1]:g}] that "
-                            f"{path} was distilled for")
+        for w in weights:
+            if w is not None:
+                check_guidance_weight(info[path][2], w, path)
     base_samplers = args.samplers or (GUIDED_SAMPLERS if conditional else BASE_SAMPLERS)
     stage_samplers = args.distilled_samplers or (GUIDED_DISTILLED_SAMPLERS if conditional else DISTILLED_SAMPLERS)
     ddim = {"eta": 0.0, "clip_value": args.clipping_value or None}
     options = lambda name: ddim if name == "ddim" else {}
     plan = []
     for w in weights:
+        calls = calls_at[w]
         plan.append((base, "base", SamplerSpec("ddim", ddim, 0), w))
         for name in base_samplers:
-            grid = {k // calls for k in args.nfe if k % calls == 0} | ({n} if name in ALL_STEPS_SAMPLERS else set())
+            grid = {k // calls for k in args.nfe if k % calls == 0 and k <= n * calls} | ({n} if name in ALL_STEPS_SAMPLERS else set())
             for k in sorted(grid - ({n} if name == "ddim" else set())):
                 plan.append((base, "base", SamplerSpec(name, options(name), 0 if k == n else k, args.step_schedule), w))
         for path in others:
@@ -242,51 +246,6 @@ def real_datasets(module, args):
     return reference, Subset(pool, chosen.tolist())
 
 
-class FeatureSpace:
-    """Maps images in [-1, 1], stored in channel order `self.order`, to features [N, D] (float64, CPU)."""
-
-    def __init__(self, module, kind, device, data_order, batch_size):
-        if kind == "inception":
-            self.order = "RGB"  # InceptionV3 compares RGB with RGB
-            try:
-                net = fid.load_inception(device)
-            except RuntimeError as e:
-                raise UserError(str(e)) from None
-            self.extract = lambda images: fid.inception_features(images, device, batch_size, model=net)
-            return
-        make = getattr(module, "make_feature_extractor", None)
-        if make is None:
-            raise UserError(f"user module {module.__name__!r} has no make_feature_extractor(); use --features inception")
-        self.order = data_order  # a classifier of the data sees images as the data stores them
-        net = make().to(device).eval()
-        self.extract = lambda images: torch.cat([net(chunk.to(device)).double().cpu() for chunk in images.split(batch_size)])
-
-    @torch.no_grad()
-    def __call__(self, images):
-        return self.extract(images)
-
-
-class Classifier:
-    """The user module's make_classifier() (class-conditional evaluation): counts the images, in [-1, 1] and
-    stored in channel order `order`, that it assigns their requested labels."""
-
-    def __init__(self, net, device, data_order, batch_size):
-        self.net = net.to(device).eval()
-        self.device, self.data_order, self.batch_size = device, data_order, batch_size
-
-    @classmethod
-    def of(cls, module, device, data_order, batch_size):
-        """The module's classifier, or None when it has no make_classifier() (no accuracy columns then)."""
-        make = getattr(module, "make_classifier", None)
-        return cls(make(), device, data_order, batch_size) if callable(make) else None
-
-    @torch.no_grad()
-    def correct(self, images, labels, order):
-        images = to_channel_order(images, order, self.data_order)  # the classifier sees images as the data stores them
-        predicted = torch.cat([self.net(chunk.to(self.device)).argmax(1).cpu() for chunk in images.split(self.batch_size)])
-        return int((predicted == torch.as_tensor(labels).long()).sum())
-
-
 @torch.no_grad()
 def read_real(dataset, features, data_order, args, classifier=None):
     """(features [N, D] of a data set, read in batches, its first n_paired(args) images, and the fraction of
@@ -306,7 +265,7 @@ def read_real(dataset, features, data_order, args, classifier=None):
 
 
 @torch.no_grad()
-def read_samples(diffusion, spec, model, ckpt, features, args, conditioning, device, classifier=None):
+def read_samples(net, grid, spec, model, ckpt, features, args, conditioning, device, classifier=None):
     """(features [N, D] of a row's --num_images samples, its first n_paired(args) samples, and the fraction of
     samples the classifier assigns their requested labels, or None), generated chunk by chunk in the feature
     space's channel order (image i from (seed, i) only, so chunking changes nothing). conditioning: indices ->
@@ -315,7 +274,7 @@ def read_samples(diffusion, spec, model, ckpt, features, args, conditioning, dev
     for start in range(0, args.num_images, args.chunk_size):
         indices = range(start, min(start + args.chunk_size, args.num_images))
         extra_args = conditioning(indices)
-        images = generate(diffusion, spec, indices, list(model.image_size[1:]), args.seed, extra_args=extra_args,
+        images = generate(net, grid, spec, indices, list(model.image_size[1:]), args.seed, extra_args=extra_args,
                           device=device, chunk_size=args.chunk_size, channels_last=args.channels_last)
         images = to_channel_order(images.clamp(-1, 1), checkpoint_channel_order(ckpt), features.order)
         kept.append(images[:max(n_paired(args) - start, 0)])
@@ -330,7 +289,7 @@ def n_paired(args):
     return min(args.num_paired, args.num_images)
 
 
-class Yardsticks:
+class Measures:
     """Every measure of a set of images against the reference features (metrics.py, fid.py)."""
 
     def __init__(self, reference, args):
@@ -369,15 +328,15 @@ def main(argv=None):
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(args.out + "_tb")  # the first thing written: every check above has passed
     reference_features, _, reference_accuracy = read_real(reference_set, features, data_order, args, classifier)
-    yardsticks = Yardsticks(reference_features, args)
+    measures = Measures(reference_features, args)
     floor_features, floor_images, floor_accuracy = read_real(floor_set, features, data_order, args, classifier)
     paired_features = floor_features[:n_paired(args)]  # real image i against real image i+1: unrelated pairs
     floor = dict(model="floor", steps="", sampler="real", nfe="", w="", seconds="", checkpoint="",
                  **accuracy_columns(floor_accuracy, len(floor_set)),
-                 **yardsticks(floor_features, metrics.paired_rmse(floor_images, floor_images.roll(-1, 0)),
+                 **measures(floor_features, metrics.paired_rmse(floor_images, floor_images.roll(-1, 0)),
                               metrics.paired_distances(paired_features, paired_features.roll(-1, 0))))
     print(f"floor (real vs real): FID {floor['fid']:.3f}")
-    rows = [floor] + sample_rows(plan, module, info, features, classifier, yardsticks, writer, args, device)
+    rows = [floor] + sample_rows(plan, module, info, features, classifier, measures, writer, args, device)
     writer.close()
     elapsed = time.perf_counter() - started, time.process_time() - cpu_started
     write_outputs(rows, args, elapsed, device, guided=dict(reference_accuracy=reference_accuracy) if conditional else None)
@@ -391,26 +350,27 @@ def accuracy_columns(accuracy, n):
     return dict(accuracy=accuracy, accuracy_se=(accuracy * (1 - accuracy) / n) ** 0.5)
 
 
-def sample_rows(plan, module, info, features, classifier, yardsticks, writer, args, device):
+def sample_rows(plan, module, info, features, classifier, measures, writer, args, device):
     """One row per entry of the plan; each guidance weight's reference (the first entry of its part) first."""
-    rows, loaded, references = [], None, {}
+    rows, current, references = [], None, {}
     for path, model_kind, spec, w in plan:
-        if loaded is None or loaded[0] != path:
+        if current is None or current[0] != path:
             model, ckpt = load_model_from_checkpoint(module, path, device)
             if args.channels_last:
                 model.to(memory_format=torch.channels_last)
-            loaded = (path, model, ckpt, make_sampling_diffusion(guided_network(model, ckpt), ckpt, device=device))
-        _, model, ckpt, diffusion = loaded
+            current = (path, model, ckpt, guided_network(model, ckpt))
+        _, model, ckpt, net = current
+        grid = spec_grid(spec, ckpt)
         started = time.perf_counter()
         torch.manual_seed(args.seed)
         conditioning = conditioning_for(module, info[path][2], w, device)
-        sample_features, samples, accuracy = read_samples(diffusion, spec, model, ckpt, features, args, conditioning,
+        sample_features, samples, accuracy = read_samples(net, grid, spec, model, ckpt, features, args, conditioning,
                                                           device, classifier)
         paired_features = sample_features[:n_paired(args)]
         reference = references.setdefault(w, (samples, paired_features))
-        row = dict(model=model_kind, steps=int(ckpt["n_timesteps"]), sampler=spec.name, nfe=nfe(spec, diffusion),
+        row = dict(model=model_kind, steps=int(ckpt["n_timesteps"]), sampler=spec.name, nfe=nfe(grid, net, w),
                    w="" if w is None else w, checkpoint=path, **accuracy_columns(accuracy, args.num_images),
-                   **yardsticks(sample_features, metrics.paired_rmse(samples, reference[0]),
+                   **measures(sample_features, metrics.paired_rmse(samples, reference[0]),
                                 metrics.paired_distances(paired_features, reference[1])))
         row["seconds"] = round(time.perf_counter() - started, 2)
         rows.append(row)

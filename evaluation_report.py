@@ -11,7 +11,7 @@ import torch
 
 import metrics
 from metrics import KNN
-from sample_utils import SAMPLER_LABELS as LABELS
+from samplers import LABELS
 
 COLUMNS = ["model", "steps", "sampler", "nfe", "w", "accuracy", "accuracy_se", "n_samples", "n_reference", "n_paired", "fid", "fid_sd", "kid", "kid_sd",
            "density", "coverage", "paired_rmse", "paired_rmse_se", "paired_feature_distance",

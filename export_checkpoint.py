@@ -10,91 +10,19 @@ back into float32 models).
 
 --for_original True writes a file that the original implementation's sample.py samples exactly as this
 project samples the source: only the keys G, n_timesteps and time_scale, a network that takes the original's
-time labels i*s and produces BGR images (its sample.py writes them with OpenCV). Both are exact edits of the
-UNet's weights (unet.py):
-- time labels: this project feeds step i of a model with time scale s the label (i+1)*s - 1 = i*s + d,
-  d = s - 1 (SPEC "Time labels"). The time embedding emb(t) = [sin(t w_k), cos(t w_k)] of t + d is that of t
-  with each (sin, cos) pair rotated by the angle d*w_k, so the first Linear layer after the embedding
-  (`time.1`) becomes W' = W R(d w), and W' emb(t) = W emb(t + d);
-- colours: RGB -> BGR reverses the image channels at the input of the first convolution (`down.0`) and at
-  the output (weight and bias) of the last one (`out.2`); with a spatial fold f each image channel is a
-  group of f*f folded channels, and whole groups change places.
+time labels i*s and produces BGR images (its sample.py writes them with OpenCV), by exact edits of the UNet's
+weights (original.for_original says which).
 """
 import os
 
-import torch
-
+from checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, slim
 from cli import ArgumentParser, UserError, main_guard, str2bool
-from script_utils import (CHECKPOINT_NAME, checkpoint_channel_order, checkpoint_conditioning, checkpoint_time_labels,
-                          clean_state_dict, load_checkpoint, load_user_module, load_weights, make_user_model,
-                          save_checkpoint)
-from unet import UNet
-
-TRAINING_STATE = ("model", "optimizer", "scaler", "bad_steps")
-
-
-def slim(ckpt):
-    """The checkpoint without its training state."""
-    return {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+from original import for_original
+from user_modules import load_user_module, make_user_model
 
 
 def half(state_dict):
     return {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
-
-
-def rotate_time_embedding(weight, inv_freq, offset):
-    """W' with W' emb(t) = W emb(t + offset), emb(t) = [sin(t w_k) for k, cos(t w_k) for k] (unet.TimeEmbedding).
-
-    By the angle-addition formulas sin(a + b) = sin a cos b + cos a sin b and
-    cos(a + b) = cos a cos b - sin a sin b with b = offset * w_k, the columns of W acting on the k-th
-    (sin, cos) pair become (W_sin cos b - W_cos sin b, W_sin sin b + W_cos cos b). Computed in float64.
-    """
-    half_dim = inv_freq.numel()
-    angle = offset * inv_freq.double()
-    cos, sin = angle.cos(), angle.sin()
-    w = weight.double()
-    w_sin, w_cos = w[:, :half_dim], w[:, half_dim:]
-    return torch.cat([w_sin * cos - w_cos * sin, w_sin * sin + w_cos * cos], dim=1)
-
-
-def colour_permutation(in_channel, fold):
-    """Folded channel k of the BGR network is folded channel perm[k] of the RGB one: image channel c holds
-    folded channels c*f*f ... c*f*f + f*f - 1 (unet.spatial_fold), so the groups are reversed as a whole."""
-    return torch.arange(in_channel * fold * fold).reshape(in_channel, fold * fold).flip(0).reshape(-1)
-
-
-def for_original(ckpt, model, source):
-    """The three-key checkpoint (G, n_timesteps, time_scale) that the original's sample.py samples as this
-    project samples `ckpt`: labels i*s instead of (i+1)*s - 1, BGR instead of RGB. Only 3-channel UNets: the
-    original's UNet has 3 output channels whatever its in_channel."""
-    if not isinstance(model, UNet):
-        raise UserError(f"--for_original True converts the UNet of unet.py (the original's layout); "
-                        f"this user module's make_model() returns a {type(model).__name__}")
-    if model.in_channel != 3:
-        raise UserError(f"--for_original True needs a 3-channel UNet: the original's UNet always outputs 3 channels, "
-                        f"this one has {model.in_channel}")
-    if checkpoint_conditioning(ckpt):
-        raise UserError(f"{source} is a conditional model ({', '.join(sorted(checkpoint_conditioning(ckpt)))}); "
-                        "the original's UNet has no class or guidance input, so it cannot load it")
-    load_weights(model, ckpt["G"], source)  # the weights fit this UNet
-    time_scale = ckpt["time_scale"]
-    offset = time_scale - 1 if checkpoint_time_labels(ckpt) == "aligned" else 0
-    flip = checkpoint_channel_order(ckpt) == "RGB"
-    if not offset and not flip:
-        raise UserError(f"{source} needs no conversion: the original's sample.py already gives it the time labels "
-                        "and channel order it expects (it loads the file as it is)")
-    G = clean_state_dict(ckpt["G"])
-    edited = {}
-    if offset:
-        edited["time.1.weight"] = rotate_time_embedding(G["time.1.weight"], G["time.0.inv_freq"], offset)
-    if flip:
-        perm = colour_permutation(model.in_channel, model.fold)
-        edited["down.0.weight"] = G["down.0.weight"][:, perm]
-        edited["out.2.weight"] = G["out.2.weight"][perm]
-        edited["out.2.bias"] = G["out.2.bias"][perm]
-    # edited tensors are stored in at least float32, so a float16 source is not rounded a second time
-    G.update({k: v.to(torch.promote_types(G[k].dtype, torch.float32)) for k, v in edited.items()})
-    return {"G": G, "n_timesteps": ckpt["n_timesteps"], "time_scale": time_scale}
 
 
 @main_guard

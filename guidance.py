@@ -31,9 +31,9 @@ def guided_v(v_cond, v_uncond, w):
 class ClassifierFreeGuidance(nn.Module):
     """The guided v of a class-conditional network: net(z, t, y=label) and net(z, t, y=null_label) in one
     batched call, combined by guided_v. forward(z, t, y=None, w=None): y None is the null label (then both
-    halves are unconditional), w None is 0; both are one value for the batch or one per image. The
-    combination runs in at least float32 (under AMP the network's half-precision output would be
-    extrapolated by 1 + 2w otherwise)."""
+    halves are unconditional), w None is 0; both are one value for the batch or one per image. At w = 0 (a
+    number) the guided v is the conditional one, and one call is made. The combination runs in at least
+    float32 (under AMP the network's half-precision output would be extrapolated by 1 + 2w otherwise)."""
 
     def __init__(self, net, null_label):
         super().__init__()
@@ -44,43 +44,21 @@ class ClassifierFreeGuidance(nn.Module):
         batch = x.shape[0]
         null = torch.full((batch,), self.null_label, dtype=torch.long, device=x.device)
         y = null if y is None else torch.as_tensor(y, device=x.device).long().expand(batch)
+        if cfg_calls(w) == 1:
+            return self.net(x, t, y=y)
         t = torch.as_tensor(t, device=x.device).expand(batch)
         v = self.net(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]))
         v_cond, v_uncond = v.to(torch.promote_types(v.dtype, torch.float32)).chunk(2)  # no bf16/fp16 extrapolation
-        return guided_v(v_cond, v_uncond, 0.0 if w is None else w)
+        return guided_v(v_cond, v_uncond, w)
 
 
-def calls_per_step(net):
-    """Network calls per image and sampling step: 2 under classifier-free guidance, else 1."""
-    return 2 if isinstance(net, ClassifierFreeGuidance) else 1
+def cfg_calls(w):
+    """Network calls per image and step of classifier-free guidance at w: 1 at w None or the number 0 (the
+    conditional call alone), else 2 (a tensor of weights counts as guided)."""
+    return 1 if w is None or (not torch.is_tensor(w) and float(w) == 0.0) else 2
 
 
-def drop_labels(labels, p, null_label):
-    """Each label replaced by null_label with probability p (Ho & Salimans Algorithm 1, p_uncond); the
-    draws come from torch's global generator on the labels' device."""
-    drop = torch.rand(labels.shape, device=labels.device) < p
-    return torch.where(drop, torch.full_like(labels, null_label), labels)
-
-
-def sample_guidance_weights(n, w_min, w_max, device="cpu"):
-    """n guidance weights w ~ U[w_min, w_max] (Meng et al. Sec. 3.1), from torch's global generator."""
-    return w_min + (w_max - w_min) * torch.rand(n, device=device)
-
-
-def guidance_distill_loss(teacher_diffusion, student_diffusion, x, t, extra_args, noise=None):
-    """Per-sample loss of stage one of guidance distillation (Meng et al. Sec. 3.1).
-
-    z = alpha_t x + sigma_t eps at the step indices t; the target is the teacher's guided v_w(z, c), the
-    teacher's diffusion running over a ClassifierFreeGuidance network that reads y and w from extra_args;
-    the student (same steps and time scale) receives the same z, y and w. The loss is the mean squared v
-    error, i.e. Meng et al.'s x error with the weight SNR + 1 (the base model's training loss, SPEC
-    "Diffusion conventions"). The teacher runs without gradients.
-    """
-    if noise is None:
-        noise = torch.randn_like(x)
-    alpha, sigma = teacher_diffusion.get_alpha_sigma(x, t)
-    z = (alpha * x + sigma * noise).float()
-    with torch.no_grad():
-        v_target = teacher_diffusion.inference(z, t, extra_args).float()
-    v_student = student_diffusion.net_(z, student_diffusion.time_label(t), **extra_args).float()
-    return ((v_student - v_target) ** 2).flatten(1).mean(1)
+def calls_per_step(net, w=None):
+    """Network calls per image and sampling step of `net` at guidance weight w: cfg_calls(w) under
+    classifier-free guidance, 1 for any other network (one that takes w itself included)."""
+    return cfg_calls(w) if isinstance(net, ClassifierFreeGuidance) else 1

@@ -181,7 +181,7 @@ class LMDBImageDataset(torch.utils.data.Dataset):
 
     `image` is a float32 RGB tensor [3, H, W] in [-1, 1], flipped horizontally with probability 1/2
     when `flip`, by one draw from torch's CPU generator; training seeds that generator for each item
-    from (seed, epoch, index) (train_utils.SeededDataset), so the flips repeat exactly on resume and
+    from (seed, epoch, index) (training_data.SeededDataset), so the flips repeat exactly on resume and
     with any number of DataLoader workers. Malformed entries raise DataError under
     `bad_entries="error"`; under "skip" each is warned about once, counted in `num_bad`, and
     the next good entry is returned instead. The data set holds no open environment (so it

@@ -9,9 +9,22 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from script_utils import choose_device
+from cli import UserError
 
 AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_device(name):
+    """`--device`: 'auto' is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
+    return device
 
 
 class RunContext:

@@ -25,12 +25,13 @@ import torch.distributed as dist
 import torchvision
 
 import samplers
-from cli import ArgumentParser, UserError, label_list, main_guard, nonnegative_float, positive_int, str2bool
-from script_utils import (add_common_arguments, checkpoint_channel_order, checkpoint_conditioning, extra_args_fn,
-                          guided_network, image_noise, load_model_from_checkpoint, load_user_module,
-                          make_sampling_diffusion)
+from checkpoints import check_guidance_weight, checkpoint_channel_order, checkpoint_conditioning
+from cli import (ArgumentParser, UserError, add_common_arguments, label_list, main_guard, nonnegative_float,
+                 positive_int, str2bool)
 from runtime import AMP_DTYPES, RunContext
-from sample_utils import add_sampler_arguments, describe, generate, sampler_from_args, trajectory_grid
+from sample_utils import (add_sampler_arguments, describe, generate, image_noise, sampler_from_args, spec_grid,
+                          trajectory_grid)
+from user_modules import extra_args_fn, guided_network, load_model_from_checkpoint, load_user_module
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -81,9 +82,7 @@ def conditioning_args(args, module, ckpt, device):
         raise UserError(f"--labels {max(args.labels)} is not a class of {args.checkpoint} (classes 0 to {k - 1})")
     w_range = record.get("guidance_range")
     w = args.guidance if args.guidance is not None else (w_range[0] if w_range is not None else 0.0)
-    if w_range is not None and not w_range[0] <= w <= w_range[1]:
-        raise UserError(f"--guidance {w:g} lies outside the range [{w_range[0]:g}, {w_range[1]:g}] that "
-                        f"{args.checkpoint} was distilled for")
+    check_guidance_weight(record, w, args.checkpoint)
     labels, per_row = image_labels(args.labels if args.labels is not None else list(range(k)), args.num_images)
     extra_args = dict(extra_args_fn(module)(None, labels, device))
     extra_args["w"] = w
@@ -107,28 +106,29 @@ def main(argv=None):
     model, ckpt = load_model_from_checkpoint(module, args.checkpoint, ctx.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
-    diffusion = make_sampling_diffusion(guided_network(net, ckpt), ckpt, spec.time_scale, device=ctx.device)
+    net = guided_network(torch.compile(model) if args.compile else model, ckpt)
+    grid = spec_grid(spec, ckpt)
     bgr = (checkpoint_channel_order(ckpt) if args.channel_order == "auto" else args.channel_order) == "BGR"
     extra_args, per_row = conditioning_args(args, module, ckpt, ctx.device)
     shape = list(model.image_size[1:])
-    print(f"Model loaded: {diffusion.num_timesteps} steps at time scale {diffusion.time_scale}; "
-          f"sampler {describe(spec, diffusion)}.")
+    print(f"Model loaded: {int(ckpt['n_timesteps']) // spec.coarsen} steps at time scale "
+          f"{ckpt['time_scale'] * spec.coarsen}; sampler {describe(spec, grid, ckpt, net, extra_args.get('w'))}.")
 
     if args.trajectory:
         if ctx.is_main:
             images = range(args.num_images)
             with ctx.autocast():
-                grid = trajectory_grid(diffusion, image_noise(images, shape, args.seed).to(ctx.device), bgr=bgr,
-                                       spec=spec, step_noise=samplers.per_image_noise(images, args.seed),
-                                       extra_args=images_of(extra_args, images), progress=True)
-            save_png(grid, args.out_file)
+                picture = trajectory_grid(net, grid, image_noise(images, shape, args.seed).to(ctx.device), bgr=bgr,
+                                          spec=spec, step_noise=samplers.per_image_noise(images, args.seed),
+                                          extra_args=images_of(extra_args, images), progress=True)
+            save_png(picture, args.out_file)
         return finish(ctx)
 
-    mine = range(ctx.rank, args.num_images, ctx.world_size)
+    this_rank = range(ctx.rank, args.num_images, ctx.world_size)
     with ctx.autocast():
-        samples = generate(diffusion, spec, mine, shape, args.seed, extra_args=images_of(extra_args, mine), device=ctx.device,
-                           chunk_size=args.chunk_size, channels_last=args.channels_last, progress=ctx.is_main)
+        samples = generate(net, grid, spec, this_rank, shape, args.seed, extra_args=images_of(extra_args, this_rank),
+                           device=ctx.device, chunk_size=args.chunk_size, channels_last=args.channels_last,
+                           progress=ctx.is_main)
     samples = gather_in_order(ctx, samples, args.num_images)
     if ctx.is_main:
         if bgr and samples.shape[1] == 3:

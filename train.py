@@ -10,23 +10,26 @@ A class-conditional user module (one with NUM_CLASSES) trains a model for classi
 label is replaced by the null label with probability --cond_drop_prob (Ho & Salimans 2022, Algorithm 1), and
 the checkpoint records num_classes, null_label and cond_drop_prob.
 """
+import functools
 import os
 
 import torch
 
+from checkpoints import (OWN_COSINE_TABLE, checkpoint_channel_order, checkpoint_time_labels,
+                         continued_checkpoint)
 from cli import UserError, main_guard
-from losses import make_training_loss
-from script_utils import (CHECKPOINT_NAME, checkpoint_channel_order, checkpoint_time_labels, data_channel_order,
-                          load_checkpoint, load_user_module, make_diffusion, make_user_dataset, make_user_model,
-                          training_conditioning)
+from diffusion import make_beta_schedule, model_grid
+from lr_schedules import check_training_arguments
 from runtime import RunContext
-from train_utils import Trainer, check_training_arguments, train_argument_parser
+from train_flags import train_argument_parser
+from train_utils import Stage, train, training_loss
+from user_modules import (data_channel_order, extra_args_fn, load_user_module, make_user_dataset, make_user_model,
+                          training_conditioning)
 
 
 @main_guard
 def main(argv=None):
-    parser = train_argument_parser(__doc__)
-    args = parser.parse_args(argv)
+    args = train_argument_parser(__doc__).parse_args(argv)
     check_training_arguments(args)
     ctx = RunContext(args)
     torch.manual_seed(args.seed)
@@ -35,28 +38,23 @@ def main(argv=None):
     model = make_user_model(module)
     dataset = make_user_dataset(module)
     checkpoint_dir = os.path.join("checkpoints", args.name, args.dname)
-    # A rerun continues (or, when finished, skips) its own checkpoint instead of overwriting it.
-    own = os.path.join(checkpoint_dir, CHECKPOINT_NAME)
-    resume_path = args.checkpoint_to_continue or (own if os.path.isfile(own) else "")
-    ckpt = load_checkpoint(resume_path) if resume_path else None
+    resume = continued_checkpoint(args.checkpoint_to_continue, checkpoint_dir)  # a rerun continues its own file
     n = args.num_timesteps
-    if ckpt is not None and (ckpt["n_timesteps"] != n or ckpt["time_scale"] != 1):
-        raise UserError(f"{resume_path} is a model with {ckpt['n_timesteps']} steps and time scale "
-                        f"{ckpt['time_scale']}; train.py continues base models (time scale 1) with --num_timesteps {n}")
+    if resume is not None and (resume[0]["n_timesteps"] != n or resume[0]["time_scale"] != 1):
+        raise UserError(f"{resume[1]} is a model with {resume[0]['n_timesteps']} steps and time scale "
+                        f"{resume[0]['time_scale']}; train.py continues base models (time scale 1) with --num_timesteps {n}")
 
-    # A continued file keeps its time-label convention (at time scale 1 both give the label i).
-    time_labels = "aligned" if ckpt is None else checkpoint_time_labels(ckpt)
-    meta = {"n_timesteps": n, "time_scale": 1, "time_labels": time_labels, "stage": "train",
-            # a continued run keeps its file's channel order; a new one takes the data's
-            "channel_order": data_channel_order(module) if ckpt is None else checkpoint_channel_order(ckpt), **record}
-    trainer = Trainer(args, ctx, model, checkpoint_dir, meta)
-    if ckpt is not None:
-        trainer.restore(ckpt, resume_path)
-    loss_fn = make_training_loss(args, ctx, module, trainer.net, n, channel_order=meta["channel_order"],
-                                 time_labels=time_labels, record=record)
+    # A continued file keeps its time labels (at time scale 1 both conventions give the label i) and its
+    # channel order; a new one takes the data's.
+    time_labels = "aligned" if resume is None else checkpoint_time_labels(resume[0])
+    channel_order = data_channel_order(module) if resume is None else checkpoint_channel_order(resume[0])
+    meta = {"n_timesteps": n, "time_scale": 1, "time_labels": time_labels, "noise_levels": OWN_COSINE_TABLE,
+            "stage": "train", "channel_order": channel_order, **record}
+    grid = model_grid(make_beta_schedule("cosine", n), 1, time_labels)
+    stage = Stage(model, functools.partial(training_loss, grid=grid), n, torch.float32, record, extra_args_fn(module),
+                  grid, checkpoint_dir, meta, flip_channels=channel_order != data_channel_order(module))
     print(f"Training a {n}-step base model on {len(dataset)} images; output in {checkpoint_dir}")
-    sample_diffusion = make_diffusion(trainer.sampling_model, n, 1, device=ctx.device, time_labels=time_labels)
-    trainer.fit(dataset, loss_fn, sample_diffusion, bgr=meta["channel_order"] == "BGR")
+    train(args, ctx, stage, dataset, resume)
     ctx.close()
     print("Finished.")
 

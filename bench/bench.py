@@ -10,20 +10,24 @@ Sections (--only, comma list; default all):
   flops     UNet forward and forward+backward FLOPs (FlopCounterMode, counted on the meta device, so
             attention is counted as its plain matmuls whatever kernel runs), the bare network's time for
             both and the achieved FLOP/s as a fraction of the measured matmul rate
-  train     one optimizer step of train.py: GaussianDiffusion.p_loss + backward + clipping + AdamW
-            (Trainer's set-up: channels_last, compile, grad_checkpoint, GradScaler), the EMA update timed apart
-  distill   one optimizer step of distillate.py: GaussianDiffusionDefault.distill_loss (teacher under
-            inference mode, two forwards) + student backward + AdamW; ratio to train at the same batch
-  sampler   time per step of p_sample_loop (ddpm and clipped) over the bare network call at the same batch
+  train     one optimizer step of train.py's loop (train_utils.train with train_utils.training_loss: draws, loss,
+            backward, clipping, the guard, AdamW, EMA; channels_last, compile, grad_checkpoint, GradScaler as
+            asked): the time of a run of --iters + --warmup steps less that of a run of --warmup steps, divided
+            by --iters (set-up, the final checkpoint and the loader's start cancel out)
+  distill   the same for distillate.py's loop (train_utils.distillation_loss: the teacher under inference
+            mode, two forwards, and the student's step); ratio to train at the same batch
+  sampler   time per step of the samplers (ancestral, and DDIM clipped as the original's) over the bare network
+            call at the same batch
   sampling  images/s of sampling at each stage (--stages, default N,8,4,1); stages too long to run within
             --max_sampling_s are extrapolated from the measured per-step time and marked as estimates
   memory    peak memory of train steps with and without --grad_checkpoint, each in a fresh subprocess
             (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM, reset through
             /proc/self/clear_refs just before the steps, so 'the steps' part' = peak - RSS before them)
-Batches are random tensors already on the device: data loading is not timed.
+Batches are random tensors: an in-memory data set of --batch_size images, loaded in the main process.
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -31,6 +35,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -41,11 +46,13 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+import samplers  # noqa: E402
 from cli import UserError, str2bool  # noqa: E402
-from script_utils import extra_args_fn, load_user_module, make_diffusion, make_user_model  # noqa: E402
-from losses import make_distillation_loss, make_training_loss  # noqa: E402
+from diffusion import make_beta_schedule, model_grid  # noqa: E402
 from runtime import RunContext  # noqa: E402
-from train_utils import Trainer, distill_argument_parser, train_argument_parser  # noqa: E402
+from train_flags import distill_argument_parser, train_argument_parser  # noqa: E402
+from train_utils import Stage, distillation_loss, train, training_loss  # noqa: E402
+from user_modules import extra_args_fn, load_user_module, make_user_model  # noqa: E402
 
 SECTIONS = ("matmul", "flops", "train", "distill", "sampler", "sampling", "memory")
 MEMORY_TAG = "BENCH_MEMORY_RESULT "
@@ -79,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--sampling_sampler", default="ddpm", choices=["ddpm", "clipped"], help="sampler of 'sampling'")
     p.add_argument("--max_sampling_s", type=float, default=30.0, help="longer stages are extrapolated, not run")
     p.add_argument("--memory_iters", type=int, default=3, help="train steps per setting in 'memory'")
+    p.add_argument("--step_reps", type=int, default=1, help="pairs of loop runs whose difference times 'train' and 'distill'")
     p.add_argument("--baseline", default="", help="JSON of an earlier run (e.g. fp32 eager) to report speed-ups against")
     p.add_argument("--_memory_child", type=str2bool, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -154,38 +162,51 @@ class Bench:
         a = self.args
         argv = ["--module", a.module, "--name", "bench", "--dname", "bench", "--device", str(self.device),
                 "--batch_size", str(self.batch), "--amp", a.amp, "--channels_last", str(a.channels_last),
-                "--compile", str(a.compile), "--grad_checkpoint", str(grad_checkpoint), "--num_iters", "1000000"]
+                "--compile", str(a.compile), "--grad_checkpoint", str(grad_checkpoint), "--num_iters", "1000000",
+                "--num_workers", "0", "--log_images", "0", "--log_every", "1000000", "--ckpt_interval", "1e9"]
         if script == "distill":
             return distill_argument_parser("").parse_args(argv + ["--base_checkpoint", "unused.pt"])
         return train_argument_parser("").parse_args(argv + ["--num_timesteps", str(self.n)])
 
 
-def optimizer_step(trainer, loss_fn, images, step, ema=False):
-    """One iteration of Trainer.fit's loop (Trainer.train_step), without data loading, logging or checkpoints.
-    ema=False leaves the EMA out of the timed step (it is timed on its own)."""
-    trainer.step = step
-    kept, trainer.ema = trainer.ema, (trainer.ema if ema else None)
-    try:
-        return trainer.train_step(images, None, loss_fn).loss
-    finally:
-        trainer.ema = kept
-
-
-def make_train(b, grad_checkpoint=False):
-    """(trainer, loss_fn) exactly as train.py builds them."""
-    args = b.script_args("train", grad_checkpoint)
-    trainer = Trainer(args, b.ctx, make_user_model(b.module), os.path.join("checkpoints", "bench"), {})
-    return trainer, make_training_loss(args, b.ctx, b.module, trainer.net, b.n)
-
-
-def make_distill(b):
-    """(trainer, loss_fn) exactly as distillate.py builds them, for a teacher with b.n steps."""
-    args = b.script_args("distill")
-    teacher = make_user_model(b.module)
+def make_stage(b, script, grad_checkpoint=False):
+    """(args, Stage) of train.py (a base model of b.n steps) or distillate.py (its student), built as the scripts
+    build them, writing into a temporary folder."""
+    args = b.script_args(script, grad_checkpoint)
+    directory = tempfile.mkdtemp(prefix="bench-")
+    grid = model_grid(make_beta_schedule("cosine", b.n))
+    extra_args = extra_args_fn(b.module)
+    if script == "train":
+        return args, Stage(make_user_model(b.module), functools.partial(training_loss, grid=grid), b.n, torch.float32,
+                           {}, extra_args, grid, directory, {})
+    teacher = make_user_model(b.module).to(b.device, memory_format=b.memory_format).eval().requires_grad_(False)
     student = make_user_model(b.module)
     student.load_state_dict(teacher.state_dict())
-    trainer = Trainer(args, b.ctx, student, os.path.join("checkpoints", "bench"), {})
-    return trainer, make_distillation_loss(args, b.ctx, b.module, teacher, trainer.net, b.n, 1, "aligned")
+    student_grid = model_grid(make_beta_schedule("cosine", b.n // 2), 2)
+    loss = functools.partial(distillation_loss, teacher=torch.compile(teacher) if args.compile else teacher,
+                             teacher_grid=grid, student_grid=student_grid)
+    return args, Stage(student, loss, b.n // 2, torch.float64, {}, extra_args, student_grid, directory, {})
+
+
+def loop_time(b, script, steps, grad_checkpoint=False):
+    """Seconds of train_utils.train over `steps` optimizer steps of a fresh stage (set-up included)."""
+    args, stage = make_stage(b, script, grad_checkpoint)
+    args.num_iters = steps
+    dataset = [(image, 0) for image in b.images().cpu().contiguous()]
+    b.sync()
+    start = time.perf_counter()
+    train(args, b.ctx, stage, dataset)
+    b.sync()
+    return time.perf_counter() - start
+
+
+def step_time(b, script):
+    """Seconds per optimizer step of the script's loop: (time of warmup + iters steps - time of warmup steps) / iters,
+    the median of --step_reps such differences."""
+    warmup, iters = max(1, b.args.warmup), max(1, b.args.iters)
+    times = [(loop_time(b, script, warmup + iters) - loop_time(b, script, warmup)) / iters
+             for _ in range(b.args.step_reps)]
+    return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times), "steps_per_run": iters}
 
 
 def peak_cuda(b, reset=False):
@@ -289,44 +310,25 @@ def bench_flops(b, results):
 
 
 def bench_train(b, results):
-    trainer, loss_fn = make_train(b)
-    x = b.images()
-    step = [0]
-
-    def run(ema=False):
-        optimizer_step(trainer, loss_fn, x, step[0], ema=ema)
-        step[0] += 1
-
     peak_cuda(b, reset=True)
-    t = b.timed(run)
+    t = step_time(b, "train")
     peak = peak_cuda(b)
-    t_ema = b.timed(lambda: trainer.ema.update(trainer.model, step[0])) if trainer.ema is not None else None
-    out = {"iteration": t, "images_per_s": b.batch / t["median_s"], "ema_update": t_ema,
-           "train_py_iteration_s": t["median_s"] + (t_ema["median_s"] if t_ema else 0.0), "peak_allocated_bytes": peak}
+    out = {"iteration": t, "images_per_s": b.batch / t["median_s"], "train_py_iteration_s": t["median_s"],
+           "peak_allocated_bytes": peak}
     fwd_bwd = count_flops(b, b.batch)[1]
     out["achieved_flops"] = fwd_bwd / t["median_s"]
     out["of_matmul"] = out["achieved_flops"] / matmul_rate(b, results)
     results["train"] = out
-    ema_text = f"; EMA update {t_ema['median_s'] * 1e3:.2f} ms (train.py's default ema_decay)" if t_ema else ""
-    print(f"  p_loss + backward + clip + AdamW: {t['median_s'] * 1e3:9.2f} ms/iter (min {t['min_s'] * 1e3:.2f}), "
+    print(f"  train.py's loop (loss, backward, clip, AdamW, EMA): {t['median_s'] * 1e3:9.2f} ms/step, "
           f"{out['images_per_s']:,.1f} images/s, {out['achieved_flops'] / 1e9:,.1f} GFLOP/s "
-          f"= {out['of_matmul']:.1%} of the matmul rate{ema_text}")
+          f"= {out['of_matmul']:.1%} of the matmul rate")
     if peak:
         print(f"  peak allocated {peak / 2 ** 30:.2f} GiB")
-    del trainer
 
 
 def bench_distill(b, results):
-    trainer, loss_fn = make_distill(b)
-    x = b.images()
-    step = [0]
-
-    def run():
-        optimizer_step(trainer, loss_fn, x, step[0])
-        step[0] += 1
-
     peak_cuda(b, reset=True)
-    t = b.timed(run)
+    t = step_time(b, "distill")
     peak = peak_cuda(b)
     out = {"iteration": t, "images_per_s": b.batch / t["median_s"], "peak_allocated_bytes": peak}
     fwd, fwd_bwd = count_flops(b, b.batch)
@@ -335,18 +337,17 @@ def bench_distill(b, results):
         out["over_train"] = t["median_s"] / results["train"]["iteration"]["median_s"]
         out["floor_over_train"] = (2 * fwd + fwd_bwd) / fwd_bwd
     results["distill"] = out
-    print(f"  distill_loss + backward + clip + AdamW: {t['median_s'] * 1e3:9.2f} ms/iter (min {t['min_s'] * 1e3:.2f}), "
-          f"{out['images_per_s']:,.1f} images/s")
+    print(f"  distillate.py's loop (teacher's two steps, student's loss, backward, clip, AdamW): "
+          f"{t['median_s'] * 1e3:9.2f} ms/step, {out['images_per_s']:,.1f} images/s")
     if "over_train" in out:
-        print(f"  distillation / training iteration time: {out['over_train']:.3f} "
-              f"(FLOP floor {out['floor_over_train']:.3f})")
+        print(f"  distillation / training step time: {out['over_train']:.3f} (FLOP floor {out['floor_over_train']:.3f}; "
+              "training includes its EMA update, distillation has none)")
     if peak:
         print(f"  peak allocated {peak / 2 ** 30:.2f} GiB")
-    del trainer
 
 
 def bench_sampler(b, results):
-    """p_sample_loop over K steps against K bare network calls, alternating, median of --sampler_reps pairs."""
+    """The samplers over K steps against K bare network calls, alternating, median of --sampler_reps pairs."""
     model, net = b.bare_model()
     k = b.args.sampler_steps
     x = torch.randn([b.batch] + b.shape, device=b.device).contiguous(memory_format=b.memory_format)
@@ -359,12 +360,13 @@ def bench_sampler(b, results):
                 net(x, label, **extra)
 
     out = {"steps": k}
-    for sampler in ("ddpm", "clipped"):
-        diffusion = make_diffusion(net, k, 1, device=b.device, sampler=sampler)
+    grid = model_grid(make_beta_schedule("cosine", k))
+    for sampler, options in (("ddpm", {}), ("clipped", {"clip_value": 1.2})):  # the original's two samplers
+        function = samplers.sample_ancestral if sampler == "ddpm" else samplers.sample_ddim
 
         def loop():
             with b.ctx.autocast():
-                diffusion.p_sample_loop(x, extra_args=extra)
+                function(net, x, grid, extra, **options)
 
         for _ in range(b.args.warmup):
             bare()
@@ -388,11 +390,12 @@ def bench_sampling(b, results):
     per_step = None
     out = {"sampler": b.args.sampling_sampler, "batch": b.batch, "stages": {}}
     for n in sorted(stages):  # shortest first: their per-step time predicts the long ones
-        diffusion = make_diffusion(net, n, max(1, b.n // n), device=b.device, sampler=b.args.sampling_sampler)
+        grid = model_grid(make_beta_schedule("cosine", n), max(1, b.n // n))
+        function = samplers.SAMPLERS[samplers.sampler_name(b.args.sampling_sampler)].function
 
         def loop():
             with b.ctx.autocast():
-                diffusion.p_sample_loop(x, extra_args=extra)
+                function(net, x, grid, extra)
 
         estimate = per_step * n if per_step is not None else None
         # As many timed runs (after one warm-up) as fit in --max_sampling_s, at most --iters; none: extrapolate.
@@ -436,16 +439,13 @@ def reset_peak_rss():
 
 
 def memory_child(b):
-    """In a fresh process: peak memory of --memory_iters train steps with the given grad_checkpoint setting."""
+    """In a fresh process: peak memory of train.py's loop over --memory_iters steps with the given grad_checkpoint
+    setting, against the memory before the loop (the model built, no optimizer state yet)."""
     gc = b.args._memory_child
-    trainer, loss_fn = make_train(b, grad_checkpoint=gc)
-    x = b.images()
-    # Allocate AdamW's state and one set of gradients before the baseline, so that the difference below is
-    # what the steps themselves need (activations, their gradients, temporaries).
-    for p in trainer.model.parameters():
-        p.grad = torch.zeros_like(p)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    args, stage = make_stage(b, "train", grad_checkpoint=gc)
+    args.num_iters = b.args.memory_iters
+    stage.model.to(b.device, memory_format=b.memory_format)
+    dataset = [(image, 0) for image in b.images().cpu().contiguous()]
     b.sync()
     if b.cuda:
         torch.cuda.reset_peak_memory_stats(b.device)
@@ -454,11 +454,10 @@ def memory_child(b):
     else:
         reset = reset_peak_rss()
         base = rss_bytes("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        what = ("peak RSS (VmHWM, reset before the steps)" if reset else
-                "peak RSS (ru_maxrss; could not reset it, so the steps' part is a lower bound)")
+        what = ("peak RSS (VmHWM, reset before the loop)" if reset else
+                "peak RSS (ru_maxrss; could not reset it, so the loop's part is a lower bound)")
     start = time.perf_counter()
-    for step in range(b.args.memory_iters):
-        optimizer_step(trainer, loss_fn, x, step)
+    train(args, b.ctx, stage, dataset)
     b.sync()
     seconds = (time.perf_counter() - start) / b.args.memory_iters
     if b.cuda:
@@ -484,13 +483,13 @@ def bench_memory(b, results):
                                f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         row = json.loads(lines[-1][len(MEMORY_TAG):])
         out["with_grad_checkpoint" if gc else "without_grad_checkpoint"] = row
-        print(f"  grad_checkpoint {str(gc):5s}: peak {row['peak_bytes'] / 2 ** 20:10,.1f} MiB, of which the steps "
+        print(f"  grad_checkpoint {str(gc):5s}: peak {row['peak_bytes'] / 2 ** 20:10,.1f} MiB, of which the loop "
               f"{row['step_bytes'] / 2 ** 20:10,.1f} MiB ({row['measure']}); {row['s_per_step'] * 1e3:.1f} ms/step")
     off, on = out["without_grad_checkpoint"], out["with_grad_checkpoint"]
     out["peak_ratio"] = on["peak_bytes"] / off["peak_bytes"]
     out["step_ratio"] = on["step_bytes"] / max(1, off["step_bytes"])
     out["time_ratio"] = on["s_per_step"] / off["s_per_step"]
-    print(f"  with / without: peak {out['peak_ratio']:.3f}, the steps' own memory {out['step_ratio']:.3f}, "
+    print(f"  with / without: peak {out['peak_ratio']:.3f}, the loop's own memory {out['step_ratio']:.3f}, "
           f"time per step {out['time_ratio']:.2f} (from {a.memory_iters} steps, first included)")
     results["memory"] = out
 

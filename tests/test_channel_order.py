@@ -19,7 +19,7 @@ import torch
 import colour_u
 from cli import UserError
 from conftest import REFERENCE
-from script_utils import data_channel_order, to_channel_order
+from user_modules import data_channel_order, to_channel_order
 
 BGR_MODULE = '''"""tests/colour_u.py with its images stored as BGR."""
 import colour_u

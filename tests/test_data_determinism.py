@@ -7,11 +7,10 @@ import torch
 from PIL import Image
 
 import seeding
-import toy_u
 from lmdb_data import LMDBImageDataset, LMDBWriter, encode_image, image_key
-from runtime import RunContext
 from test_resume import assert_same_tensors, load
-from train_utils import InfiniteShardSampler, SeededDataset, Trainer, train_argument_parser
+from train_flags import train_argument_parser
+from training_data import InfiniteShardSampler, SeededDataset, make_loader
 
 N_IMAGES, SIZE, BATCH, SEED = 7, 8, 3, 3  # 7 images in batches of 3: batches straddle epochs
 
@@ -31,13 +30,12 @@ def lmdb_path(tmp_path_factory):
 
 
 def batches(lmdb_path, num_workers, start_step, num_steps, seed=SEED):
-    """The images of steps start_step .. start_step + num_steps - 1 from Trainer.make_loader."""
+    """The images of steps start_step .. start_step + num_steps - 1 from training_data.make_loader."""
     args = train_argument_parser("").parse_args(
         ["--module", "toy_u", "--name", "n", "--dname", "d", "--device", "cpu", "--seed", str(seed),
          "--batch_size", str(BATCH), "--num_workers", str(num_workers)])
-    trainer = Trainer(args, RunContext(args), toy_u.make_model(), None, {})
-    trainer.step = start_step
-    loader = iter(trainer.make_loader(LMDBImageDataset(lmdb_path, SIZE, flip=True)))
+    loader = iter(make_loader(LMDBImageDataset(lmdb_path, SIZE, flip=True), args, 0, 1, start_step,
+                              torch.device("cpu")))
     return [next(loader)[0] for _ in range(num_steps)]
 
 
@@ -140,14 +138,15 @@ def test_training_resumed_with_two_workers_and_flips_is_bit_exact(run, tmp_path,
 
 
 class ThreeGenerators(torch.utils.data.Dataset):
-    """Each item draws from torch's, Python's and NumPy's global generators, as user augmentations do."""
+    """Each item draws from torch's, Python's and NumPy's global generators, as user augmentations do: the
+    "image" holds the three draws (the label is the index)."""
 
     def __len__(self):
         return 4
 
     def __getitem__(self, index):
         import random
-        return torch.rand(()).item(), random.random(), float(np.random.rand())
+        return torch.tensor([torch.rand(()).item(), random.random(), float(np.random.rand())], dtype=torch.float64), index
 
 
 def test_seeded_dataset_seeds_torch_python_and_numpy_per_sample_and_restores_them():
@@ -160,8 +159,11 @@ def test_seeded_dataset_seeds_torch_python_and_numpy_per_sample_and_restores_the
     random.seed(11)
     np.random.seed(11)
     torch.manual_seed(11)
-    first = dataset[(2, 2 ** 40 + 7)]
-    assert dataset[(2, 2 ** 40 + 7)] == first  # the key alone decides every draw
-    other = dataset[(2, 2 ** 40 + 8)]
-    assert all(a != b for a, b in zip(first, other))  # each generator follows the seed
+    first, label = dataset[(2, 2 ** 40 + 7)]
+    assert label == 2
+    assert torch.equal(dataset[(2, 2 ** 40 + 7)][0], first)  # the key alone decides every draw
+    other, _ = dataset[(2, 2 ** 40 + 8)]
+    assert (first != other).all()  # each generator follows the seed
+    flipped, _ = SeededDataset(ThreeGenerators(), flip_channels=True)[(2, 2 ** 40 + 7)]
+    assert torch.equal(flipped, first.flip(0))  # flip_channels reverses the 3 channels of the same draws
     assert (random.random(), float(np.random.rand()), torch.rand(()).item()) == before  # the caller's draws unchanged

@@ -9,6 +9,7 @@ import torch
 
 import toy_u
 from conftest import ROOT, TESTS, run_script
+from train_utils import draw_step
 
 
 def torchrun(*args, cwd, nproc=2):
@@ -22,11 +23,18 @@ def torchrun(*args, cwd, nproc=2):
 def test_ranks_see_disjoint_data_and_keep_identical_weights_and_ema(tmp_path):
     torchrun(os.path.join(TESTS, "ddp_worker.py"), tmp_path, cwd=tmp_path)
     reports = json.loads((tmp_path / "report.json").read_text())
-    assert [r["rank"] for r in reports] == [0, 1]
+    assert [r["rank"] for r in reports] == [0, 1] and {r["status"] for r in reports} == {"done"}
     assert reports[0]["model"] == reports[1]["model"]
     assert reports[0]["ema"] == reports[1]["ema"]
     first, second = (set(sum(r["seen"], [])) for r in reports)
     assert len(first) == len(second) == 6 * 8 and not first & second
+    # each rank's step draws are draw_step's of (seed, its rank, step): the ranks' noise levels differ
+    for r in reports:
+        assert r["times"] == [draw_step(0, r["rank"], k, torch.zeros(8, 2, 1, 1), 8, {}).t.tolist() for k in range(6)]
+    assert reports[0]["times"] != reports[1]["times"]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # written by rank 0 alone, G the EMA
+    assert saved["step"] == 6 and not any(k.startswith("module.") for k in saved["G"])
+    assert [v.sum().item() for k, v in saved["G"].items() if k != "freq"] == reports[0]["ema"]
 
 
 def test_train_resume_and_sample_under_torchrun(tmp_path):

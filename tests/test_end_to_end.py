@@ -9,8 +9,9 @@ import torch
 
 import toy_u
 from conftest import REFERENCE
-from diffusion import GaussianDiffusion, make_beta_schedule
-from script_utils import image_noise
+from diffusion import make_beta_schedule
+from original import GaussianDiffusion
+from sample_utils import image_noise
 
 FAST = ["--num_workers", "0", "--device", "cpu"]
 

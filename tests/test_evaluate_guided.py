@@ -55,12 +55,16 @@ def test_evaluate_measures_a_guided_chain_at_every_guidance_weight(cond_chain):
                N_IMAGES, "--nfe", "1,2,4", "--guidance", "0,2", "--match_steps", 2, "--seed", SEED, "--out", "ev/g",
                *SMALL, cwd=cond_chain, env_extra=ONE_THREAD)
     rows = read_csv(cond_chain / "ev/g.csv")
-    # per w: the CFG teacher through its 8 steps (16 calls), CFG DDIM and DPM-Solver++ at 2 and 4 calls (1 and 2
-    # steps; the odd NFE 1 is skipped), the w-input model (8 steps, 8 calls), the halvings (4 and 2 calls)
-    per_w = ([("base", "8", "ddim", "16")] + [("base", "8", name, k) for name in ("ddim", "dpmpp_2m") for k in ("2", "4")]
-             + [("w-input", "8", "ddim", "8"), ("distilled", "4", "ddim", "4"), ("distilled", "2", "ddim", "2")])
+    # per w > 0: the CFG teacher through its 8 steps (16 calls), CFG DDIM and DPM-Solver++ at 2 and 4 calls (1 and 2
+    # steps; the odd NFE 1 is skipped); at w = 0 one conditional call per step: 8 calls, and 1, 2 and 4 steps at
+    # NFE 1, 2, 4; then the w-input model (8 steps, 8 calls) and the halvings (4 and 2 calls)
+    students = [("w-input", "8", "ddim", "8"), ("distilled", "4", "ddim", "4"), ("distilled", "2", "ddim", "2")]
+    unguided = ([("base", "8", "ddim", "8")] + [("base", "8", name, k) for name in ("ddim", "dpmpp_2m")
+                                                 for k in ("1", "2", "4")] + students)
+    guided = ([("base", "8", "ddim", "16")] + [("base", "8", name, k) for name in ("ddim", "dpmpp_2m") for k in ("2", "4")]
+              + students)
     assert [(r["model"], r["steps"], r["sampler"], r["nfe"], r["w"]) for r in rows] == (
-        [("floor", "", "real", "", "")] + [row + (w,) for w in ("0.0", "2.0") for row in per_w])
+        [("floor", "", "real", "", "")] + [row + ("0.0",) for row in unguided] + [row + ("2.0",) for row in guided])
     assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
     assert all(math.isfinite(float(r[m])) for r in rows for m in ("fid", "kid", "paired_rmse"))
 
@@ -70,7 +74,7 @@ def test_evaluate_measures_a_guided_chain_at_every_guidance_weight(cond_chain):
     teacher = {w: sample_npz(cond_chain, CHECKPOINTS[0], w, f"teacher{w}") for w in (0, 2)}
     student = sample_npz(cond_chain, CHECKPOINTS[3], 2, "student2")
     for w, images in teacher.items():
-        row = next(r for r in rows if (r["model"], r["nfe"], r["w"]) == ("base", "16", f"{w:.1f}"))
+        row = next(r for r in rows if (r["model"], r["nfe"], r["w"]) == ("base", "16" if w else "8", f"{w:.1f}"))
         with torch.no_grad():
             accuracy = (classifier(images).argmax(1) == labels).double().mean().item()
         assert float(row["accuracy"]) == pytest.approx(accuracy)

@@ -11,13 +11,15 @@ import torch
 import cond_toy_u
 import distillate
 import sample
+import samplers
 import toy_u
 import train
-from diffusion import GaussianDiffusion, make_beta_schedule
-from guidance import ClassifierFreeGuidance, calls_per_step, drop_labels, guidance_distill_loss
-from losses import conditioned_extra_args
-from script_utils import guided_network, load_model_from_checkpoint, make_guidance_student
+from diffusion import alpha_sigma_tables, make_beta_schedule, model_grid
+from guidance import ClassifierFreeGuidance, calls_per_step, cfg_calls
+from sample_utils import nfe
+from train_utils import conditioned, draw_step, guidance_loss
 from unet import UNet
+from user_modules import guided_network, load_model_from_checkpoint, make_guidance_student
 
 FAST = ["--num_workers", "0", "--device", "cpu"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the tiny networks here run faster on one thread than on two busy ones
@@ -52,16 +54,27 @@ def toy_inputs(batch=6, seed=1):
 
 # -- classifier-free guidance ------------------------------------------------------------------
 
+class Recording(torch.nn.Module):
+    """The wrapped network, recording the batch size and the labels of each call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, t, y=None):
+        self.calls.append((x.shape[0], None if y is None else y.clone()))
+        return self.net(x, t, y=y)
+
+
 def test_cfg_is_the_guided_combination_of_two_separate_calls_made_as_one_batched_call():
-    net = randomised(cond_toy_u.make_model())
+    net = Recording(randomised(cond_toy_u.make_model()))
     x, t, y = toy_inputs()
     null = torch.full_like(y, K)
     w = torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0, 7.5])
-    calls = []
-    net.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     with torch.no_grad():
         guided = ClassifierFreeGuidance(net, K)(x, t, y=y, w=w)
-        assert calls == [2 * len(x)]  # both halves in one call
+        [(batch, labels)] = net.calls  # both halves in one call
+        assert batch == 2 * len(x) and torch.equal(labels, torch.cat([y, null]))
         v_cond, v_uncond = net(x, t, y=y), net(x, t, y=null)
         scalar = ClassifierFreeGuidance(net, K)(x, t, y=y, w=3.0)
     assert (v_cond - v_uncond).abs().max() > 1e-2  # the labels matter, so the test can fail
@@ -75,7 +88,52 @@ def test_cfg_is_the_guided_combination_of_two_separate_calls_made_as_one_batched
     eps_cond, eps_uncond = sigma * x + alpha * v_cond, sigma * x + alpha * v_uncond
     w4 = w.reshape(-1, 1, 1, 1)
     assert torch.allclose(eps, ((1 + w4) * eps_cond - w4 * eps_uncond).double(), atol=1e-5)
-    assert calls_per_step(ClassifierFreeGuidance(net, K)) == 2 and calls_per_step(net) == 1
+
+
+@pytest.mark.parametrize("w", [0, 0.0, None])
+def test_cfg_at_w_0_makes_one_conditional_call_and_returns_its_output(w):
+    """w None or the number 0: the guided v is the conditional one, from one call of batch B with the labels."""
+    net = Recording(randomised(cond_toy_u.make_model()))
+    x, t, y = toy_inputs()
+    cfg = ClassifierFreeGuidance(net, K)
+    with torch.no_grad():
+        out = cfg(x, t, y=y, w=w)
+        [(batch, labels)] = net.calls
+        assert batch == len(x) and torch.equal(labels, y)
+        assert torch.equal(out, net(x, t, y=y))  # exactly the conditional output
+        assert not torch.allclose(out, net(x, t, y=torch.full_like(y, K)), atol=1e-3)
+        net.calls.clear()
+        cfg(x, t, w=w)  # no labels: the null label, still one call
+        [(batch, labels)] = net.calls
+        assert batch == len(x) and (labels == K).all()
+    assert cfg_calls(w) == 1 and calls_per_step(cfg, w) == 1
+
+
+@pytest.mark.parametrize("w", [1.5, -0.5, torch.zeros(6), torch.tensor([0.0, 1.0, 2.0, 0.0, 3.0, 1.0])])
+def test_cfg_at_any_other_w_makes_one_call_of_twice_the_batch(w):
+    """w a non-zero number or any tensor (even of zeros): one batched call of 2B, labels then null labels."""
+    net = Recording(randomised(cond_toy_u.make_model()))
+    x, t, y = toy_inputs()
+    cfg = ClassifierFreeGuidance(net, K)
+    with torch.no_grad():
+        cfg(x, t, y=y, w=w)
+    [(batch, labels)] = net.calls
+    assert batch == 2 * len(x) and torch.equal(labels, torch.cat([y, torch.full_like(y, K)]))
+    assert cfg_calls(w) == 2 and calls_per_step(cfg, w) == 2
+
+
+@pytest.mark.parametrize("w", [0.0, 2.0])
+def test_nfe_counts_the_images_a_sampler_sends_through_the_network(w):
+    """Over a grid of 4 points: 4 calls of B images at w = 0, 4 of 2B under guidance; a network that takes
+    w itself (or any non-CFG network) counts one call per point whatever w."""
+    net = Recording(randomised(cond_toy_u.make_model()))
+    x, _, y = toy_inputs()
+    grid = model_grid(make_beta_schedule("cosine", 16)).take([3, 7, 11, 15])
+    cfg = ClassifierFreeGuidance(net, K)
+    samplers.sample_ddim(cfg, x, grid, {"y": y, "w": w})
+    assert sum(batch for batch, _ in net.calls) == nfe(grid, cfg, w) * len(x)
+    assert nfe(grid, cfg, w) == (4 if w == 0 else 8)
+    assert nfe(grid, net, w) == 4 and calls_per_step(net, w) == 1
 
 
 def test_a_conditional_unet_without_labels_uses_the_null_label_and_unconditional_ones_refuse_labels():
@@ -148,9 +206,9 @@ class GaussianTeacher(torch.nn.Module):
     """The exact denoiser of class-conditional data N(MEANS[y], DATA_STD^2 I) (y None: the null label's
     mean), at the time labels of a base model (label = step index)."""
 
-    def __init__(self, diffusion):
+    def __init__(self):
         super().__init__()
-        self.alpha, self.sigma = diffusion.sqrt_alphas_cumprod, diffusion.sqrt_one_minus_alphas_cumprod
+        self.alpha, self.sigma = alpha_sigma_tables(make_beta_schedule("cosine", N_STEPS))
 
     def coefficients(self, x, t):
         i = t.round().long()
@@ -186,22 +244,21 @@ def test_gaussian_teacher_is_the_posterior_mean():
 
 
 def test_stage_one_loss_is_zero_when_the_student_is_the_guided_teacher():
-    diffusion = GaussianDiffusion(None, make_beta_schedule("cosine", N_STEPS))
-    teacher = GaussianDiffusion(ClassifierFreeGuidance(GaussianTeacher(diffusion), K), make_beta_schedule("cosine", N_STEPS))
-    student = GaussianDiffusion(GuidedGaussianStudent(diffusion), make_beta_schedule("cosine", N_STEPS))
+    grid = model_grid(make_beta_schedule("cosine", N_STEPS))
+    teacher = ClassifierFreeGuidance(GaussianTeacher(), K)
     g = torch.Generator().manual_seed(0)
     batch = 64
     y = torch.randint(0, K + 1, (batch,), generator=g)  # null labels (dropped) included
     w = 4 * torch.rand(batch, generator=g, dtype=torch.float64)
     x = (MEANS[y] + DATA_STD * torch.randn(batch, 4, generator=g, dtype=torch.float64)).reshape(batch, 1, 2, 2).float()
-    t = torch.randint(0, N_STEPS, (batch,), generator=g)
-    noise = torch.randn(x.shape, generator=g)
-    losses = guidance_distill_loss(teacher, student, x, t, {"y": y, "w": w}, noise)
+    draws = draw_step(0, 0, 0, x, N_STEPS, {})
+    assert len(set(draws.t.tolist())) > N_STEPS // 2  # many noise levels
+    losses = guidance_loss(GuidedGaussianStudent(), x, draws, {"y": y, "w": w}, teacher=teacher, grid=grid)
     assert losses.shape == (batch,) and losses.max() < 1e-8
     # the student without guidance (w = 0) is wrong wherever w > 0 and the class is not the null one
-    unguided = GaussianDiffusion(lambda z, label, y, w: GuidedGaussianStudent(diffusion)(z, label, y, 0 * w),
-                                 make_beta_schedule("cosine", N_STEPS))
-    wrong = guidance_distill_loss(teacher, unguided, x, t, {"y": y, "w": w}, noise)
+    student = GuidedGaussianStudent()
+    wrong = guidance_loss(lambda z, label, y, w: student(z, label, y, 0 * w), x, draws, {"y": y, "w": w},
+                          teacher=teacher, grid=grid)
     assert wrong[(y != K) & (w > 0.5)].min() > 1e-4
 
 
@@ -210,18 +267,35 @@ def test_stage_one_loss_is_zero_when_the_student_is_the_guided_teacher():
 def test_label_dropout_rate_and_guidance_weights_are_drawn_per_image():
     n, p = 30_000, 0.25
     labels = torch.arange(n) % K
+    images = torch.zeros(n, 1, 4, 4)
     record = {"num_classes": K, "null_label": K, "cond_drop_prob": p, "guidance_range": [0.5, 3.0]}
-    torch.manual_seed(0)
-    extra = conditioned_extra_args(cond_toy_u, record)(torch.zeros(n, 1, 4, 4), labels, "cpu")
+    draws = draw_step(0, 0, 0, images, 16, record)
+    extra = conditioned(cond_toy_u.make_extra_args, images, labels, draws, record)
     dropped = extra["y"] == K
+    assert torch.equal(dropped, draws.drop)
     tolerance = 4 * (n * p * (1 - p)) ** 0.5  # four binomial standard deviations
     assert abs(dropped.sum().item() - n * p) < tolerance
     assert torch.equal(extra["y"][~dropped], labels[~dropped])
     w = extra["w"]
-    assert w.shape == (n,) and w.min() >= 0.5 and w.max() <= 3.0
+    assert torch.equal(w, draws.w) and w.shape == (n,) and w.min() >= 0.5 and w.max() <= 3.0
     assert abs(w.mean() - 1.75) < 4 * 2.5 / 12 ** 0.5 / n ** 0.5  # U[0.5, 3]: mean 1.75, std 2.5/sqrt(12)
-    assert not torch.equal(drop_labels(labels, p, K), drop_labels(labels, p, K))  # fresh draws each call
-    assert torch.equal(drop_labels(labels, 0.0, K), labels) and (drop_labels(labels, 1.0, K) == K).all()
+    # the range is filled: P(no w within 2.5 * 10/n of an end) = (1 - 10/n)^n < e^-10
+    assert w.min() < 0.5 + 25 / n and w.max() > 3.0 - 25 / n
+    below = (w < 1.0).sum().item()  # P(w < 1) = 0.2
+    assert abs(below - 0.2 * n) < 4 * (n * 0.2 * 0.8) ** 0.5
+    # the drops are independent of the class
+    for c in range(K):
+        count = (labels == c).sum().item()
+        assert abs(dropped[labels == c].sum().item() - count * p) < 4 * (count * p * (1 - p)) ** 0.5
+    # the rate follows the record: none at 0, all at 1; no w without a guidance_range, no drop without a null label
+    for rate in (0.0, 1.0):
+        plain = {"num_classes": K, "null_label": K, "cond_drop_prob": rate}
+        draws = draw_step(0, 0, 0, images, 16, plain)
+        extra = conditioned(cond_toy_u.make_extra_args, images, labels, draws, plain)
+        assert torch.equal(extra["y"], labels if rate == 0 else torch.full_like(labels, K)) and "w" not in extra
+    draws = draw_step(0, 0, 0, images, 16, {})
+    assert draws.drop is None and draws.w is None
+    assert torch.equal(conditioned(cond_toy_u.make_extra_args, images, labels, draws, {})["y"], labels)
 
 
 # -- the chain through the scripts -------------------------------------------------------------
@@ -263,8 +337,11 @@ def test_conditional_chain_train_stage_one_halving_through_the_scripts(run, tmp_
     # the models are rebuilt from their records: CFG (two calls per step) or the w-input (one)
     base_model, base_ckpt = load_model_from_checkpoint(cond_toy_u, str(tmp_path / "checkpoints/c/base/checkpoint.pt"), "cpu")
     student, student_ckpt = load_model_from_checkpoint(cond_toy_u, str(tmp_path / "checkpoints/c/guided_0/checkpoint.pt"), "cpu")
-    assert calls_per_step(guided_network(base_model, base_ckpt)) == 2
+    guided = guided_network(base_model, base_ckpt)
+    assert isinstance(guided, ClassifierFreeGuidance) and guided.null_label == K
+    assert calls_per_step(guided, 2.0) == 2 and calls_per_step(guided, 0.0) == 1
     assert guided_network(student, student_ckpt) is student and student.guidance is not None
+    assert calls_per_step(student, 2.0) == 1
     sample.main(["--module", "cond_toy_u", "--checkpoint", "checkpoints/c/guided_0/checkpoint.pt", "--num_images", "4",
                  "--out_npz", "s.npz", "--device", "cpu"])
     assert (tmp_path / "s.npz").stat().st_size > 0

@@ -15,8 +15,11 @@ import torch
 
 import toy_u
 from conftest import REFERENCE
-from script_utils import (checkpoint_channel_order, checkpoint_time_labels, image_noise, load_user_module,
-                          load_weights, make_sampling_diffusion, make_user_model)
+import samplers
+from checkpoints import checkpoint_channel_order, checkpoint_grid, checkpoint_time_labels, load_weights
+from original import ORIGINAL_CLIPPING_VALUE
+from sample_utils import image_noise
+from user_modules import load_user_module, make_user_model
 from unet import UNet, spatial_fold
 
 N_STEPS = 4
@@ -117,20 +120,20 @@ def test_export_for_original_samples_as_the_source(run, tmp_path, one_thread, na
     source_model.load_state_dict(G)
     exported_model.load_state_dict(G_out)
     unconverted_model.load_state_dict(G)
-    diffusion = make_sampling_diffusion(source_model, source, clipped=True)
-    exported = make_sampling_diffusion(exported_model, out, clipped=True)
-    unconverted = make_sampling_diffusion(unconverted_model, {k: source[k] for k in out}, clipped=True)
-    assert (diffusion.time_labels, exported.time_labels) == ("aligned", "original")
-    z = case["x"].double()
+    grid, exported_grid = checkpoint_grid(source), checkpoint_grid(out)
+    unconverted_grid = checkpoint_grid({k: source[k] for k in out})
+    assert (checkpoint_time_labels(source), checkpoint_time_labels(out)) == ("aligned", "original")
+    z = case["x"]
     with torch.no_grad():
         for i in range(N_STEPS):
-            step = torch.full((z.shape[0],), i)
-            expected = diffusion.inference(z, step, {})
-            assert torch.allclose(to_rgb(exported.inference(to_rgb(z), step, {})), expected, atol=1e-4)
+            expected = source_model(z, grid.label(i, z))
+            assert torch.allclose(to_rgb(exported_model(to_rgb(z), exported_grid.label(i, z))), expected, atol=1e-4)
             # the source itself read the original's way is off: its labels lag by s - 1, its colours swap
-            assert (to_rgb(unconverted.inference(to_rgb(z), step, {})) - expected).abs().max() > 1e-2
+            assert (to_rgb(unconverted_model(to_rgb(z), unconverted_grid.label(i, z))) - expected).abs().max() > 1e-2
     noise = image_noise(range(2), list(case["x"].shape[1:]), seed=4)
-    assert torch.allclose(to_rgb(exported.p_sample_loop(to_rgb(noise))), diffusion.p_sample_loop(noise), atol=1e-4)
+    clip = ORIGINAL_CLIPPING_VALUE  # the original's clipped sampler
+    assert torch.allclose(to_rgb(samplers.sample_ddim(exported_model, to_rgb(noise), exported_grid, clip_value=clip)),
+                          samplers.sample_ddim(source_model, noise, grid, clip_value=clip), atol=1e-4)
 
 
 def test_export_refuses_to_overwrite_its_source(run, tmp_path):

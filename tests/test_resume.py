@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-import script_utils
+import checkpoints
 import toy_u
 from conftest import ROOT, TESTS
 from cli import UserError
-from script_utils import save_checkpoint
+from checkpoints import save_checkpoint
 
 TOY = ["--module", "toy_u", "--num_workers", "0", "--device", "cpu", "--batch_size", 16]
 
@@ -54,7 +54,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
         f.write(b"partial data")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(script_utils.torch, "save", disk_full)
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
     with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
         save_checkpoint({"step": 2}, tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before

@@ -8,9 +8,10 @@ from PIL import Image
 import demo
 import toy_u
 from cli import ArgumentParser, UserError
-from diffusion import GaussianDiffusion, make_beta_schedule
-from sample_utils import SamplerSpec, add_sampler_arguments, generate, sampler_from_args
-from script_utils import image_noise, load_model_from_checkpoint, make_sampling_diffusion
+from diffusion import make_beta_schedule
+from original import GaussianDiffusion
+from sample_utils import SamplerSpec, add_sampler_arguments, generate, image_noise, sampler_from_args, spec_grid
+from user_modules import load_model_from_checkpoint
 
 
 def parse(*argv):
@@ -35,7 +36,7 @@ def save_toy(path, **record):
     (["--clipped_sampling", "True", "--clipping_value", 0], SamplerSpec("ddim", {"eta": 0.0, "clip_value": None})),
     (["--sampler", "dpmpp_2m", "--steps", 8, "--step_schedule", "logsnr"], SamplerSpec("dpmpp_2m", {}, 8, "logsnr")),
     (["--sampler", "stochastic", "--step_indices", "3,15,7"], SamplerSpec("stochastic", {}, 0, (3, 15, 7))),
-    (["--time_scale", 4, "--eta", 0], SamplerSpec("ancestral", {}, time_scale=4)),
+    (["--time_scale", 4, "--eta", 0], SamplerSpec("ancestral", {}, coarsen=4)),
 ])
 def test_flags_give_the_sampler(argv, expected):
     assert parse(*argv) == expected
@@ -83,7 +84,7 @@ def test_sample_py_draws_what_generate_draws(run, tmp_path, argv, spec):
         "--chunk_size", 2, "--seed", 11, "--device", "cpu", *argv)
     got = torch.from_numpy(np.load(tmp_path / "out.npz")["samples"])
     model, ckpt = load_model_from_checkpoint(toy_u, str(tmp_path / "toy.pt"), "cpu")
-    expected = generate(make_sampling_diffusion(model, ckpt), spec, range(5), [2, 1, 1], seed=11)
+    expected = generate(model, spec_grid(spec, ckpt), spec, range(5), [2, 1, 1], seed=11)
     assert got.shape == (5, 2, 1, 1) and (got - expected.clamp(-1, 1)).abs().max() < 1e-6
 
 
@@ -118,7 +119,7 @@ def test_demo_samples_every_panel_with_the_chosen_sampler():
     (by default 8 steps through --time_scale N/8, the picture's original way)."""
     every = SamplerSpec("ddim", {"eta": 0.0, "clip_value": None})
     assert [(f, s) for _, _, f, s in demo.panels(128, every)] == [
-        ("original", every), ("original", every._replace(time_scale=16)), ("base_3", every), ("base_4", every),
+        ("original", every), ("original", every._replace(coarsen=16)), ("base_3", every), ("base_4", every),
         ("base_6", every)]
     spec = parse("--sampler", "dpmpp_2m", "--steps", 4, "--step_schedule", "logsnr")
     solver = SamplerSpec("dpmpp_2m", {})

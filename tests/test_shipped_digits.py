@@ -11,9 +11,9 @@ import torch
 
 import digits_cond_u
 from conftest import ROOT
-from sample_utils import SamplerSpec, generate
-from script_utils import guided_network, load_model_from_checkpoint, make_sampling_diffusion
-from train_utils import distill_argument_parser, train_argument_parser
+from sample_utils import SamplerSpec, generate, spec_grid
+from train_flags import distill_argument_parser, train_argument_parser
+from user_modules import guided_network, load_model_from_checkpoint
 
 # folder -> (reproduce script, its RUN, stages in chain order)
 CHAINS = {"digits": ("reproduce_digits.sh", "digits_run", ["original"] + [f"base_{k}" for k in range(7)]),
@@ -99,12 +99,12 @@ def test_shipped_guided_students_accuracy_recomputed_from_their_samples(steps):
     assert {float(r["w"]) for r in rows} == {0.0, 0.5, 1.0, 2.0, 4.0}
     model, ckpt = load_model_from_checkpoint(digits_cond_u, os.path.join(ROOT, rows[0]["checkpoint"]), "cpu")
     model.to(memory_format=torch.channels_last)
-    diffusion = make_sampling_diffusion(guided_network(model, ckpt), ckpt)
+    net, spec = guided_network(model, ckpt), SamplerSpec("ddim", {"eta": 0.0, "clip_value": None})
     classifier = digits_cond_u.make_classifier()
     n = int(rows[0]["n_samples"])
     labels = torch.arange(n) % 10
     for row in rows:
-        images = generate(diffusion, SamplerSpec("ddim", {"eta": 0.0, "clip_value": None}), range(n), [1, 8, 8], 0,
+        images = generate(net, spec_grid(spec, ckpt), spec, range(n), [1, 8, 8], 0,
                           extra_args={"y": labels, "w": float(row["w"])}, chunk_size=n, channels_last=True)
         with torch.no_grad():
             accuracy = (classifier(images.clamp(-1, 1)).argmax(1) == labels).double().mean().item()
