@@ -167,3 +167,31 @@ def test_seeded_dataset_seeds_torch_python_and_numpy_per_sample_and_restores_the
     flipped, _ = SeededDataset(ThreeGenerators(), flip_channels=True)[(2, 2 ** 40 + 7)]
     assert torch.equal(flipped, first.flip(0))  # flip_channels reverses the 3 channels of the same draws
     assert (random.random(), float(np.random.rand()), torch.rand(()).item()) == before  # the caller's draws unchanged
+
+
+class Indexed(torch.utils.data.Dataset):
+    """The items of a TensorDataset behind a plain Dataset: read with the full per-sample seeding."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __getitem__(self, index):
+        return self.tensors[index]
+
+
+def test_a_tensor_dataset_is_read_without_seeding_and_gives_the_same_batches():
+    images = torch.randn(11, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    tensors = torch.utils.data.TensorDataset(images, torch.arange(11))
+    assert not SeededDataset(tensors).draws_randomness and SeededDataset(Indexed(tensors)).draws_randomness
+    args = train_argument_parser("").parse_args(
+        ["--module", "toy_u", "--name", "n", "--dname", "d", "--device", "cpu", "--seed", "5", "--batch_size", "4",
+         "--num_workers", "0"])
+    for flip in (False, True):
+        fast = iter(make_loader(tensors, args, 0, 1, 2, torch.device("cpu"), flip))
+        seeded = iter(make_loader(Indexed(tensors), args, 0, 1, 2, torch.device("cpu"), flip))
+        for _ in range(6):  # across epochs
+            (a, labels_a), (b, labels_b) = next(fast), next(seeded)
+            assert torch.equal(a, b) and torch.equal(labels_a, labels_b)

@@ -37,16 +37,6 @@ def sample_points(n, seed):
     return CENTERS[which] + CLUSTER_STD * torch.randn(n, 2, generator=g)
 
 
-class Points(torch.utils.data.Dataset):
-    def __init__(self):
-        self.points = sample_points(N_POINTS, seed=1234).reshape(N_POINTS, 2, 1, 1)
-
-    def __len__(self):
-        return len(self.points)
-
-    def __getitem__(self, i):
-        return self.points[i], 0
-
-
 def make_dataset():
-    return Points()
+    points = sample_points(N_POINTS, seed=1234).reshape(N_POINTS, 2, 1, 1)
+    return torch.utils.data.TensorDataset(points, torch.zeros(N_POINTS, dtype=torch.long))
