@@ -136,7 +136,7 @@ def test_evaluate_a_held_out_slice_of_make_dataset(run, tmp_path):
     assert [(r["model"], r["sampler"], r["nfe"]) for r in rows] == [
         ("floor", "real", ""), ("base", "ddim", "8"), ("base", "ddim", "2"), ("base", "dpmpp_2m", "2")]
     assert {(r["n_samples"], r["n_reference"], r["n_paired"]) for r in rows} == {("50", "100", "20")}
-    points = toy_u.make_dataset().points.flatten(1).double()  # the features are the points themselves
+    points = toy_u.make_dataset().tensors[0].flatten(1).double()  # the features are the points themselves
     chosen = torch.randperm(4096 - 100, generator=seeding.generator(0, "floor-images"))[:50]
     floor = points[chosen]
     assert float(rows[0]["fid"]) == pytest.approx(fid.fid_from_features(floor, points[-100:]), rel=1e-6)
