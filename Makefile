@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test evaluate evaluate-guided reproduce-digits reproduce-digits-cond bench clean-venv
+.PHONY: demo test evaluate evaluate-guided reproduce-digits reproduce-digits-cond reproduce-digits-eps bench clean-venv
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ evaluate-guided: $(VENV)/.installed  ## accuracy, KID, FID and pairing at each g
 
 reproduce-digits-cond: $(VENV)/.installed  ## rerun the whole guided digits chain from scratch, evaluation included
 	bash bench/reproduce_digits_cond.sh
+
+reproduce-digits-eps: $(VENV)/.installed  ## a 1000-step linear-schedule eps teacher trained and distilled to one step (v students) and to 32 (x students), evaluation included
+	bash bench/reproduce_digits_eps.sh
 
 reproduce-digits: $(VENV)/.installed  ## rerun the whole digits chain from scratch (about 45 minutes on 2 CPU cores)
 	bash bench/reproduce_digits.sh

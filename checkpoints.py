@@ -6,9 +6,11 @@ One dict, `checkpoints/<name>/<dname>/checkpoint.pt`, readable with torch.load(w
   n_timesteps   sampling steps N of this model
   time_scale    how many base steps one step spans
 and, written by this project only:
-  format_version, time_labels ("aligned" | "original"), channel_order ("RGB" | "BGR"), noise_levels
-  ("own_cosine_table": the levels of a fresh cosine table of n_timesteps steps, as every file without the
-  record), step, stage ("train" | "distill" | "guidance"), teacher, args (plain dict), model (raw weights when
+  format_version, time_labels ("aligned" | "original"), channel_order ("RGB" | "BGR"), schedule (the base
+  model's float64 beta table and its name; absent: cosine), prediction ("eps" | "x" | "v"; absent: v),
+  noise_levels ("own_cosine_table": the levels of a fresh cosine table of n_timesteps steps, as every file
+  without the record; "schedule_grid": the schedule's levels at the base indices `grid`, noisiest first, which
+  are also the time labels), grid, step, stage ("train" | "distill" | "guidance"), teacher, args (plain dict), model (raw weights when
   G holds an EMA), optimizer, scaler, bad_steps; for conditional models (SPEC "Conditioning and
   classifier-free guidance") num_classes, null_label, cond_drop_prob, and for a model with a guidance-weight
   input guidance_range [w_min, w_max].
@@ -23,11 +25,13 @@ import zipfile
 import torch
 
 from cli import UserError
-from diffusion import make_beta_schedule, model_grid
+from diffusion import PREDICTIONS, grid_indices, make_beta_schedule, model_grid
+from samplers import select_steps
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
-OWN_COSINE_TABLE = "own_cosine_table"  # the noise_levels record of every file so far
+OWN_COSINE_TABLE = "own_cosine_table"  # the noise_levels record of every cosine file of train.py and its students
+SCHEDULE_GRID = "schedule_grid"  # levels of the base schedule at the recorded base indices
 CONDITIONING_KEYS = ("num_classes", "null_label", "cond_drop_prob", "guidance_range")
 TRAINING_STATE = ("model", "optimizer", "scaler", "bad_steps")  # what resuming needs beyond G
 
@@ -105,17 +109,44 @@ def check_guidance_weight(record, w, source):
                         f"{source} was distilled for")
 
 
+def checkpoint_prediction(ckpt):
+    """What the network outputs: eps, x or v (files without the record predict v)."""
+    prediction = ckpt.get("prediction", "v")
+    if prediction not in PREDICTIONS:
+        raise UserError(f"unknown prediction record {prediction!r}; this version reads {', '.join(PREDICTIONS)}")
+    return prediction
+
+
+def schedule_record(name, betas):
+    return {"name": name, "betas": betas.to(torch.float64)}
+
+
+def checkpoint_schedule(ckpt):
+    """(name, float64 betas) of the base model's schedule; a file without the record is cosine, its base
+    the model's steps times its time scale."""
+    if "schedule" in ckpt:
+        return ckpt["schedule"]["name"], ckpt["schedule"]["betas"].to(torch.float64)
+    return "cosine", make_beta_schedule("cosine", round(ckpt["n_timesteps"] * ckpt["time_scale"]))
+
+
 def checkpoint_grid(ckpt, coarsen=1):
     """The grid of all levels of a checkpoint's model, sampled as one of N/coarsen steps (SPEC "Samplers", the
-    original's --time_scale): the levels of a fresh cosine table of N/coarsen steps (its noise_levels record),
-    its time labels at time scale s * coarsen. UserError when coarsen does not divide N."""
+    original's --time_scale). own_cosine_table: the levels of a fresh cosine table of N/coarsen steps, time
+    labels at time scale s * coarsen; schedule_grid: the base schedule at the recorded indices (the labels),
+    every coarsen-th of them ending at coarsen - 1. UserError when coarsen does not divide N."""
     n = int(ckpt["n_timesteps"])
     if coarsen < 1 or n % coarsen:
         raise UserError(f"--time_scale {coarsen} does not divide the model's {n} steps")
-    if ckpt.get("noise_levels", OWN_COSINE_TABLE) != OWN_COSINE_TABLE:
-        raise UserError(f"unknown noise_levels record {ckpt['noise_levels']!r}; this version reads {OWN_COSINE_TABLE!r}")
-    return model_grid(make_beta_schedule("cosine", n // coarsen), ckpt["time_scale"] * coarsen,
-                      checkpoint_time_labels(ckpt))
+    levels = ckpt.get("noise_levels", OWN_COSINE_TABLE)
+    if levels == OWN_COSINE_TABLE:
+        return model_grid(make_beta_schedule("cosine", n // coarsen), ckpt["time_scale"] * coarsen,
+                          checkpoint_time_labels(ckpt))
+    if levels != SCHEDULE_GRID:
+        raise UserError(f"unknown noise_levels record {levels!r}; this version reads {OWN_COSINE_TABLE!r} "
+                        f"and {SCHEDULE_GRID!r}")
+    betas = checkpoint_schedule(ckpt)[1]
+    grid = model_grid(betas).take(grid_indices(len(betas), ckpt["grid"]))
+    return grid.take(grid_indices(n, select_steps(grid, n // coarsen, "time"))) if coarsen > 1 else grid
 
 
 def continued_checkpoint(given, checkpoint_dir):

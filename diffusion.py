@@ -29,20 +29,58 @@ TIME_LABELS = ("aligned", "original")
 
 # -- the schedule -------------------------------------------------------------------------------
 
-def make_beta_schedule(schedule, n_timestep, cosine_s=8e-3):
-    """Float64 betas of the cosine schedule as the original builds it (Nichol & Dhariwal Eq. 17).
+SCHEDULES = ("cosine", "linear", "scaled_linear")  # and an explicit table of betas (check_betas)
+PREDICTIONS = ("eps", "x", "v")  # what the network outputs
 
-    f(u) = cos^2(((u + s)/(1 + s)) pi/2), alphas_cumprod_k = f(k/N)/f(0) for k = 0..N,
-    beta_k = 1 - alphas_cumprod_k/alphas_cumprod_{k-1}, clamped at 0.999.
+
+def make_beta_schedule(schedule, n_timestep, beta_start=1e-4, beta_end=0.02, cosine_s=8e-3):
+    """Float64 betas of a named schedule.
+
+    cosine (as the original builds it; Nichol & Dhariwal Eq. 17): f(u) = cos^2(((u + s)/(1 + s)) pi/2),
+      alphas_cumprod_k = f(k/N)/f(0) for k = 0..N, beta_k = 1 - alphas_cumprod_k/alphas_cumprod_{k-1},
+      clamped at 0.999;
+    linear (Ho et al. Sec. 4: 1e-4 to 0.02 over 1000 steps): N values evenly spaced from beta_start to beta_end;
+    scaled_linear: linear in sqrt(beta), from sqrt(beta_start) to sqrt(beta_end), squared.
     """
-    if schedule != "cosine":
-        raise ValueError(f"unknown beta schedule {schedule!r}; the only schedule is 'cosine'")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if n_timestep < 1:
         raise ValueError(f"n_timestep must be at least 1, got {n_timestep}")
-    u = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep
-    f = torch.cos((u + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
-    alphas_cumprod = f / f[0]
-    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
+    if schedule == "cosine":
+        u = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep
+        f = torch.cos((u + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+        alphas_cumprod = f / f[0]
+        return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
+    if not 0 < beta_start < beta_end < 1:
+        raise ValueError(f"the {schedule} schedule needs 0 < beta_start < beta_end < 1, got beta_start {beta_start:g} "
+                         f"and beta_end {beta_end:g}")
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n_timestep, dtype=torch.float64)
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+
+
+def check_betas(betas):
+    """An explicit beta table as float64: one dimension, every value in (0, 1) (ValueError otherwise)."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if betas.ndim != 1 or betas.numel() < 1:
+        raise ValueError(f"a beta table is a list of numbers, one per step; got shape {list(betas.shape)}")
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        bad = betas[~((betas > 0) & (betas < 1))][0]
+        raise ValueError(f"every beta must lie in (0, 1); the table holds {float(bad):g}")
+    return betas
+
+
+def rescale_zero_terminal_snr(betas):
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1: shift and
+    scale sqrt(alphas_cumprod) so that its last value is exactly 0 (zero SNR at the noisiest step) and its first
+    is unchanged; the last beta becomes 1. Only for models trained on it (a v or x network: eps cannot be
+    turned into x where alpha = 0)."""
+    root = torch.cumprod(1 - betas.to(torch.float64), 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alphas_cumprod = root ** 2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1 - alphas
 
 
 def alpha_sigma_tables(betas):
@@ -96,6 +134,54 @@ def predict_eps_from_v(z, v, alpha, sigma):
 def predict_eps_from_start(z, x, alpha, sigma):
     """eps = (z - alpha x) / sigma (undefined at clean data, sigma = 0)."""
     return (z - alpha * x) / sigma
+
+
+# -- the three parameterisations: eps, x or v (Salimans & Ho Sec. 4 and Appendix D) -----------------
+
+def predict_start(prediction, z, out, alpha, sigma):
+    """x_hat from the network's output at z: v -> alpha z - sigma v; eps -> (z - sigma eps)/alpha (Ho et al.
+    Eq. 15; alpha = 0 has no x); x -> the output itself."""
+    if prediction == "v":
+        return predict_start_from_v(z, out, alpha, sigma)
+    if prediction == "eps":
+        return (z - sigma * out) / alpha
+    return out
+
+
+def prediction_target(prediction, z, x, alpha, sigma):
+    """What a network of this parameterisation should output at z for the clean image x: eps = (z - alpha x)/sigma,
+    x itself, or v = (alpha z - x)/sigma (= alpha eps - sigma x)."""
+    if prediction == "eps":
+        return predict_eps_from_start(z, x, alpha, sigma)
+    if prediction == "v":
+        return (alpha * z - x) / sigma
+    return x
+
+
+def training_target(prediction, x, eps, alpha, sigma):
+    """The same target from the clean image and the noise that made z = alpha x + sigma eps: eps, x or
+    v = alpha eps - sigma x."""
+    return {"eps": eps, "x": x, "v": predict_v(x, eps, alpha, sigma)}[prediction]
+
+
+def output_weight(prediction, alpha, sigma):
+    """c with |x_hat - x|^2 = c |out - target|^2 at one level: sigma^2 for v, (sigma/alpha)^2 for eps, 1 for x
+    (x_hat is affine in the output with slope -sigma, -sigma/alpha, 1)."""
+    if prediction == "v":
+        return sigma ** 2
+    if prediction == "eps":
+        return (sigma / alpha) ** 2
+    return torch.ones_like(sigma)
+
+
+X_ERROR_WEIGHTINGS = ("snr+1", "snr", "truncated_snr", "constant")
+
+
+def x_error_weight(weighting, alpha, sigma):
+    """The weight of |x_hat - x|^2 at a level (Salimans & Ho Sec. 4), SNR = alpha^2/sigma^2: "snr+1" (the MSE
+    of v), "snr" (the MSE of eps, Ho et al.'s L_simple), "truncated_snr" max(SNR, 1), "constant" (the MSE of x)."""
+    snr = (alpha / sigma) ** 2
+    return {"snr+1": snr + 1, "snr": snr, "truncated_snr": snr.clamp(min=1), "constant": torch.ones_like(snr)}[weighting]
 
 
 # -- transitions between two levels s < t -------------------------------------------------------

@@ -25,6 +25,15 @@ to teacher and student alike. The user module's make_model(guidance_embedding=Tr
 model. Every student records num_classes, null_label, cond_drop_prob and guidance_range = [w_min, w_max];
 --weighting and --gamma apply to the halvings (stage one is a v regression); --guidance_num_iters sets
 stage one's optimizer steps (default: --num_iters, as each halving). Reruns resume as above.
+
+A teacher of another schedule or parameterisation (train.py --schedule linear --prediction eps, or a file without
+records described by --schedule and --teacher_prediction) is distilled as it is: a teacher that predicts other
+than --prediction (default v) is first turned into one that does (<dname>_<prediction>, the teacher's steps,
+trained to match the teacher's prediction at every level), then halved on nested trailing grids of its
+schedule's levels (halving_levels), down to one step from any step count:
+
+    python distillate.py --module digits_u --name eps --dname base --num_stages 9 \
+        --base_checkpoint ./checkpoints/eps/original/checkpoint.pt
 """
 import argparse
 import functools
@@ -32,16 +41,82 @@ import os
 
 import torch
 
-from checkpoints import (CHECKPOINT_NAME, OWN_COSINE_TABLE, checkpoint_channel_order, checkpoint_conditioning,
-                         checkpoint_grid, checkpoint_time_labels, continued_checkpoint, load_checkpoint)
+from checkpoints import (CHECKPOINT_NAME, OWN_COSINE_TABLE, SCHEDULE_GRID, checkpoint_channel_order,
+                         checkpoint_conditioning, checkpoint_grid, checkpoint_prediction, checkpoint_schedule,
+                         checkpoint_time_labels, continued_checkpoint, load_checkpoint, schedule_record)
 from cli import UserError, main_guard
+from diffusion import grid_indices
 from guidance import ClassifierFreeGuidance
 from lr_schedules import check_training_arguments
 from runtime import RunContext
-from train_flags import distill_argument_parser
-from train_utils import Stage, distillation_loss, guidance_loss, train
+from samplers import select_steps
+from train_flags import distill_argument_parser, schedule_from_args
+from train_utils import Stage, distillation_loss, imitation_loss, train
 from user_modules import (data_channel_order, extra_args_fn, make_guidance_student, load_user_module,
                           make_user_dataset, model_for_checkpoint)
+
+LEVEL_RECORDS = ("n_timesteps", "time_scale", "time_labels", "noise_levels", "grid", "schedule")
+
+
+def described_teacher(ckpt, args, source):
+    """The teacher's checkpoint with its schedule and prediction records, taken from --schedule ... and
+    --teacher_prediction where the file has none (a file of the original or of another library); a flag that
+    contradicts a record is refused. An unrecorded schedule other than cosine makes the file a base model whose
+    levels are that schedule's (noise_levels schedule_grid)."""
+    ckpt = dict(ckpt)
+    prediction = checkpoint_prediction(ckpt)
+    if args.teacher_prediction is not None:
+        if "prediction" in ckpt and args.teacher_prediction != prediction:
+            raise UserError(f"--teacher_prediction {args.teacher_prediction}, but {source} records that it predicts "
+                            f"{prediction}; leave the flag out")
+        ckpt["prediction"] = args.teacher_prediction
+    if args.schedule is None:
+        if args.betas or args.beta_start or args.beta_end:
+            raise UserError("--betas, --beta_start and --beta_end describe the teacher's schedule with --schedule")
+        return ckpt
+    name, betas = schedule_from_args(args, None if args.schedule == "table" else
+                                     round(ckpt["n_timesteps"] * ckpt["time_scale"]))
+    if "schedule" in ckpt:
+        recorded, recorded_betas = checkpoint_schedule(ckpt)
+        if recorded != name or len(recorded_betas) != len(betas) or not torch.allclose(recorded_betas, betas,
+                                                                                         rtol=0, atol=1e-12):
+            raise UserError(f"--schedule {args.schedule}, but {source} records the {recorded} schedule of "
+                            f"{len(recorded_betas)} steps; a student keeps its teacher's schedule: leave the flags out")
+        return ckpt
+    if name != "cosine":
+        if ckpt["time_scale"] != 1 or len(betas) != ckpt["n_timesteps"]:
+            raise UserError(f"{source} has {ckpt['n_timesteps']} steps at time scale {ckpt['time_scale']}; an "
+                            f"unrecorded teacher of the {name} schedule ({len(betas)} steps) must be its base model "
+                            "(time scale 1, one step per beta)")
+        ckpt.update(noise_levels=SCHEDULE_GRID, grid=list(range(len(betas) - 1, -1, -1)), time_labels="aligned"
+                    if checkpoint_time_labels(ckpt) == "aligned" else "original")
+    ckpt["schedule"] = schedule_record(name, betas)
+    return ckpt
+
+
+def halving_levels(teacher_ckpt, source):
+    """(the teacher's grid that the halving distils, the student's level records). A teacher on its own cosine
+    table of even N steps gets a student on the fresh table of N/2 steps at twice the time scale (as the
+    original). A teacher on its schedule's grid of S points is sampled on the trailing P points of it (P the
+    largest power of two <= S: the teacher's DDIM at P steps, all S when S is a power of two), and its student
+    takes every other one of them, noisiest first: so the grids of a chain nest down to one step, and each
+    student's time labels are the base indices of its levels, as for the teacher."""
+    n, time_scale = int(teacher_ckpt["n_timesteps"]), teacher_ckpt["time_scale"]
+    teacher_grid = checkpoint_grid(teacher_ckpt)
+    if teacher_ckpt.get("noise_levels", OWN_COSINE_TABLE) == OWN_COSINE_TABLE:
+        if n < 2 or n % 2:
+            raise UserError(f"cannot distil {source}: it samples in {n} step(s) on its own cosine table; a teacher "
+                            "needs an even number of steps")
+        return teacher_grid, {"n_timesteps": n // 2, "time_scale": 2 * time_scale, "time_labels": "aligned",
+                              "noise_levels": OWN_COSINE_TABLE}
+    if n < 2:
+        raise UserError(f"cannot distil {source}: it samples in {n} step; a teacher needs at least 2")
+    points = 1 << (n.bit_length() - 1)
+    teacher_grid = teacher_grid.take(grid_indices(n, select_steps(teacher_grid, points, "time")))
+    student = [int(label) for label in teacher_grid.labels[0::2]]
+    base = len(checkpoint_schedule(teacher_ckpt)[1])
+    return teacher_grid, {"n_timesteps": len(student), "time_scale": base / len(student), "time_labels": "aligned",
+                          "noise_levels": SCHEDULE_GRID, "grid": student}
 
 
 def check_teacher(resume, resume_path, teacher_path, n, time_scale):
@@ -55,6 +130,24 @@ def check_teacher(resume, resume_path, teacher_path, n, time_scale):
         raise UserError(f"{resume_path} is the student of {record['path']} ({record['n_timesteps']} steps, time scale "
                         f"{record['time_scale']}), not of {teacher_path} ({n} steps, time scale {time_scale}); "
                         f"give that teacher, or another --dname for a new student")
+
+
+def check_resumed_student(resume, meta, teacher_path):
+    """A continued student has the levels, prediction and conditioning that this stage would give it."""
+    ckpt, path = resume
+    if ckpt["n_timesteps"] != meta["n_timesteps"] or ckpt["time_scale"] != meta["time_scale"]:
+        raise UserError(f"{path} has {ckpt['n_timesteps']} steps at time scale {ckpt['time_scale']}, "
+                        f"but the student of {teacher_path} has {meta['n_timesteps']} at {meta['time_scale']}")
+    if checkpoint_prediction(ckpt) != meta["prediction"]:
+        raise UserError(f"{path} predicts {checkpoint_prediction(ckpt)}, but this student of {teacher_path} would "
+                        f"predict {meta['prediction']}; give --prediction {checkpoint_prediction(ckpt)}, or another --dname")
+    if ckpt.get("grid") != meta.get("grid"):
+        raise UserError(f"{path} has other noise levels than the student of {teacher_path}; give another --dname")
+    record = {key: meta[key] for key in checkpoint_conditioning(meta)}
+    if checkpoint_conditioning(ckpt) != record:
+        raise UserError(f"{path} records the conditioning {checkpoint_conditioning(ckpt)}, but this "
+                        f"student of {teacher_path} would have {record}; give the same flags, or another --dname")
+    check_teacher(ckpt, path, teacher_path, meta["teacher"]["n_timesteps"], meta["teacher"]["time_scale"])
 
 
 def check_guidance_teacher(record, teacher_path):
@@ -75,56 +168,69 @@ def prepare_teacher(args, ctx, teacher):
     return torch.compile(teacher) if args.compile else teacher
 
 
-def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, guidance_stage_one=False):
-    """One stage: the teacher at teacher_path -> a student in checkpoints/<name>/<dname>. A halving (Algorithm
-    2: N/2 steps at twice the time scale); with guidance_stage_one=True stage one of guidance distillation
-    instead (the teacher's steps, a w-input student). resume: (checkpoint, path) to continue, or None.
-    Returns the student's path and the training status."""
+STAGE_KINDS = ("halving", "guidance", "prediction")
+
+
+def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, kind="halving", describe=False):
+    """One stage: the teacher at teacher_path -> a student in checkpoints/<name>/<dname>. kind "halving":
+    Algorithm 2, half the teacher's steps (halving_levels); "guidance": stage one of guidance distillation (the
+    teacher's steps, a w-input student); "prediction": the teacher's steps, a student that predicts
+    --prediction. resume: (checkpoint, path) to continue, or None. describe: the teacher is the base checkpoint,
+    which the teacher flags describe (described_teacher). Returns the student's path and the status."""
     teacher_ckpt = load_checkpoint(teacher_path, map_location="cpu")
+    if describe:
+        teacher_ckpt = described_teacher(teacher_ckpt, args, teacher_path)
     n, time_scale = int(teacher_ckpt["n_timesteps"]), teacher_ckpt["time_scale"]
+    teacher_prediction = checkpoint_prediction(teacher_ckpt)
     record = checkpoint_conditioning(teacher_ckpt)  # the student keeps its teacher's conditioning
     teacher = prepare_teacher(args, ctx, model_for_checkpoint(module, teacher_ckpt, teacher_path))
-    if guidance_stage_one:
+    teacher_grid = checkpoint_grid(teacher_ckpt)
+    same_levels = {key: teacher_ckpt[key] for key in LEVEL_RECORDS if key in teacher_ckpt}
+    same_levels.setdefault("time_labels", checkpoint_time_labels(teacher_ckpt))
+    same_levels.setdefault("noise_levels", OWN_COSINE_TABLE)
+    if kind == "guidance":
         check_guidance_teacher(record, teacher_path)
         record["guidance_range"] = [args.w_min, args.w_max]
-        student_n, student_scale, time_labels = n, time_scale, checkpoint_time_labels(teacher_ckpt)
+        levels, prediction = same_levels, teacher_prediction
         student = make_guidance_student(module, teacher_ckpt["G"], teacher_path)
-    elif n < 2 or n % 2:
-        raise UserError(f"cannot distil {teacher_path}: it samples in {n} step(s); a teacher needs an even number of steps")
+    elif kind == "prediction":
+        levels, prediction = same_levels, args.prediction
+        student = model_for_checkpoint(module, teacher_ckpt, teacher_path)
     else:
-        student_n, student_scale, time_labels = n // 2, 2 * time_scale, "aligned"
+        teacher_grid, levels = halving_levels(teacher_ckpt, teacher_path)
+        prediction = args.prediction
         student = model_for_checkpoint(module, teacher_ckpt, teacher_path)
     channel_order = checkpoint_channel_order(teacher_ckpt)  # the student keeps its teacher's order
     checkpoint_dir = os.path.join("checkpoints", args.name, dname)
-    meta = {"n_timesteps": student_n, "time_scale": student_scale, "time_labels": time_labels,
-            "noise_levels": OWN_COSINE_TABLE, "stage": "guidance" if guidance_stage_one else "distill",
+    name, betas = checkpoint_schedule(teacher_ckpt)
+    meta = {**levels, "schedule": schedule_record(name, betas), "prediction": prediction,
+            "stage": {"halving": "distill", "guidance": "guidance", "prediction": "prediction"}[kind],
             "channel_order": channel_order, "teacher": {"path": teacher_path, "n_timesteps": n, "time_scale": time_scale},
             **record}
     if resume is not None:
-        ckpt, path = resume
-        if ckpt["n_timesteps"] != student_n or ckpt["time_scale"] != student_scale:
-            raise UserError(f"{path} has {ckpt['n_timesteps']} steps at time scale {ckpt['time_scale']}, "
-                            f"but the student of {teacher_path} has {student_n} at {student_scale}")
-        if checkpoint_conditioning(ckpt) != record:
-            raise UserError(f"{path} records the conditioning {checkpoint_conditioning(ckpt)}, but this "
-                            f"student of {teacher_path} would have {record}; give the same flags, or another --dname")
-        check_teacher(ckpt, path, teacher_path, n, time_scale)
+        check_resumed_student(resume, meta, teacher_path)
 
-    teacher_grid, student_grid = checkpoint_grid(teacher_ckpt), checkpoint_grid(meta)
-    if guidance_stage_one:
-        loss = functools.partial(guidance_loss, teacher=ClassifierFreeGuidance(teacher, record["null_label"]),
-                                 grid=teacher_grid)
-        n_levels, eps_dtype = n, torch.float32
-        print(f"Guidance distillation, stage one: {teacher_path} ({n} steps, time scale {time_scale}) under "
-              f"guidance w in [{args.w_min:g}, {args.w_max:g}] into {checkpoint_dir} (a w-input model, same steps)")
-    else:
+    student_grid = checkpoint_grid(meta)
+    flip = channel_order != data_channel_order(module)
+    if kind == "halving":
         loss = functools.partial(distillation_loss, teacher=teacher, teacher_grid=teacher_grid,
-                                 student_grid=student_grid, weighting=args.weighting, gamma=args.gamma)
-        n_levels, eps_dtype = n // 2, torch.float64
-        print(f"Distilling {teacher_path} ({n} steps, time scale {time_scale}) into {checkpoint_dir} "
-              f"({n // 2} steps, time scale {2 * time_scale})")
+                                 student_grid=student_grid, weighting=args.weighting, gamma=args.gamma,
+                                 teacher_prediction=teacher_prediction, prediction=prediction)
+        n_levels, eps_dtype = len(student_grid), torch.float64
+        on = f", sampled on {len(teacher_grid)} of them" if len(teacher_grid) != n else ""
+        print(f"Distilling {teacher_path} ({n} steps, time scale {time_scale:g}{on}) into {checkpoint_dir} "
+              f"({len(student_grid)} steps, time scale {meta['time_scale']:g})")
+    else:
+        guided = ClassifierFreeGuidance(teacher, record["null_label"]) if kind == "guidance" else teacher
+        loss = functools.partial(imitation_loss, teacher=guided, grid=teacher_grid,
+                                 teacher_prediction=teacher_prediction, prediction=prediction)
+        n_levels, eps_dtype = n, torch.float32
+        what = (f"under guidance w in [{args.w_min:g}, {args.w_max:g}] (a w-input model, same steps)"
+                if kind == "guidance" else f"(same steps, predicting {prediction} instead of {teacher_prediction})")
+        print(f"{'Guidance distillation, stage one' if kind == 'guidance' else 'Change of prediction'}: "
+              f"{teacher_path} ({n} steps) into {checkpoint_dir} {what}")
     stage = Stage(student, loss, n_levels, eps_dtype, record, extra_args_fn(module), student_grid, checkpoint_dir,
-                  meta, flip_channels=channel_order != data_channel_order(module))
+                  meta, flip_channels=flip)
     status = train(args, ctx, stage, dataset, resume)
     return os.path.join(checkpoint_dir, CHECKPOINT_NAME), status
 
@@ -153,25 +259,27 @@ def main(argv=None):
     if args.weighting == "truncated_snr" and args.gamma:
         raise UserError(f"--gamma {args.gamma} weights the v error, which --weighting truncated_snr does not use; "
                         "give --gamma 0, or --weighting snr+1 for the original's weighted loss")
+    base = described_teacher(load_checkpoint(args.base_checkpoint), args, args.base_checkpoint)  # fail early
     ctx = RunContext(args)
     torch.manual_seed(args.seed)
     module = load_user_module(args.module)
-    base = load_checkpoint(args.base_checkpoint)  # fail early, before the data set is built
     if args.guidance_distill:
         check_guidance_teacher(checkpoint_conditioning(base), args.base_checkpoint)
     dataset = make_user_dataset(module)
     teacher_path = args.base_checkpoint
-    # (suffix of the stage's dname, whether it is stage one of guidance distillation)
-    stages = ([("w", True)] if args.guidance_distill else []) + [(k, False) for k in range(args.num_stages)]
-    for number, (suffix, stage_one) in enumerate(stages):
+    # (suffix of the stage's dname, its kind, its optimizer steps)
+    stages = ([(args.prediction, "prediction", args.prediction_num_iters)]
+              if checkpoint_prediction(base) != args.prediction else [])
+    stages += [("w", "guidance", args.guidance_num_iters)] if args.guidance_distill else []
+    stages += [(k, "halving", None) for k in range(args.num_stages)]
+    for number, (suffix, kind, num_iters) in enumerate(stages):
         dname = args.dname if len(stages) == 1 else f"{args.dname}_{suffix}"
         # A stage continues (or, when finished, skips) its own checkpoint unless told which to continue.
         resume = continued_checkpoint(args.checkpoint_to_continue if number == 0 else "",
                                       os.path.join("checkpoints", args.name, dname))
-        stage_args = args
-        if stage_one and args.guidance_num_iters:
-            stage_args = argparse.Namespace(**{**vars(args), "num_iters": args.guidance_num_iters})
-        teacher_path, status = distill_stage(stage_args, ctx, module, dataset, teacher_path, dname, resume, stage_one)
+        stage_args = argparse.Namespace(**{**vars(args), "num_iters": num_iters}) if num_iters else args
+        teacher_path, status = distill_stage(stage_args, ctx, module, dataset, teacher_path, dname, resume, kind,
+                                             describe=number == 0)
         if status == "stopped":
             break
     ctx.close()

@@ -53,7 +53,8 @@ import fid
 import metrics
 import samplers
 import seeding
-from checkpoints import check_guidance_weight, checkpoint_channel_order, checkpoint_conditioning, load_checkpoint
+from checkpoints import (check_guidance_weight, checkpoint_channel_order, checkpoint_conditioning, checkpoint_prediction,
+                         load_checkpoint)
 from cli import (ArgumentParser, UserError, add_common_arguments, int_list, main_guard, nonnegative_float,
                  nonnegative_int, positive_int, str2bool, weight_list)
 from evaluation_report import write_outputs
@@ -144,16 +145,19 @@ def check_arguments(args):
 
 
 def checkpoint_set(paths):
-    """(base path, {path: (steps, time scale, conditioning record)}, [the other paths by decreasing steps]).
+    """(base path, {path: (steps, time scale, conditioning record, stage)}, [the other paths by decreasing steps]).
     Exactly one base: time scale 1 and no guidance-weight input (stage one of guidance distillation, a
-    w-input model of the base's steps, is one of the others); all class-conditional or none."""
+    w-input model of the base's steps, is one of the others, as is a change of prediction); all
+    class-conditional or none."""
     info = {}
     for path in paths:
         ckpt = load_checkpoint(path)  # read once here to check the set; the weights are loaded row by row
-        info[path] = (int(ckpt["n_timesteps"]), ckpt["time_scale"], checkpoint_conditioning(ckpt))
-    bases = [p for p, (_, scale, record) in info.items() if scale == 1 and "guidance_range" not in record]
+        info[path] = (int(ckpt["n_timesteps"]), ckpt["time_scale"], checkpoint_conditioning(ckpt), ckpt.get("stage"))
+    bases = [p for p, (_, scale, record, stage) in info.items()
+             if scale == 1 and "guidance_range" not in record and stage != "prediction"]
     if len(bases) != 1:
-        raise UserError(f"--checkpoints must hold exactly one base model (time scale 1, no guidance-weight input); "
+        raise UserError(f"--checkpoints must hold exactly one base model (time scale 1, no guidance-weight input, "
+                        f"not a change of prediction); "
                         f"found {len(bases)}")
     base = bases[0]
     conditional = "num_classes" in info[base][2]
@@ -165,10 +169,13 @@ def checkpoint_set(paths):
 
 
 def model_kind(info, path, base):
-    """'base', 'w-input' (stage one of guidance distillation: the base's steps, w as an input) or 'distilled'."""
-    steps, scale, record = info[path]
+    """'base', 'w-input' (stage one of guidance distillation: the base's steps, w as an input),
+    'reparameterised' (the base's steps, another prediction) or 'distilled'."""
+    steps, scale, record, stage = info[path]
     if path == base:
         return "base"
+    if stage == "prediction":
+        return "reparameterised"
     return "w-input" if scale == 1 and "guidance_range" in record else "distilled"
 
 
@@ -178,7 +185,7 @@ def evaluation_plan(base, info, others, args):
     each w's reference first. --nfe counts network calls: the base model under classifier-free guidance
     makes two per step at w > 0 (guidance.cfg_calls), so it runs k/2 steps there for an even k (an odd k is
     skipped), and k steps at w = 0, where one conditional call is the guided result."""
-    n, _, record = info[base]
+    n, _, record, _ = info[base]
     conditional = "num_classes" in record
     weights = args.guidance if conditional else [None]
     calls_at = {w: cfg_calls(w) if conditional else 1 for w in weights}
@@ -275,7 +282,8 @@ def read_samples(net, grid, spec, model, ckpt, features, args, conditioning, dev
         indices = range(start, min(start + args.chunk_size, args.num_images))
         extra_args = conditioning(indices)
         images = generate(net, grid, spec, indices, list(model.image_size[1:]), args.seed, extra_args=extra_args,
-                          device=device, chunk_size=args.chunk_size, channels_last=args.channels_last)
+                          device=device, chunk_size=args.chunk_size, channels_last=args.channels_last,
+                          prediction=checkpoint_prediction(ckpt))
         images = to_channel_order(images.clamp(-1, 1), checkpoint_channel_order(ckpt), features.order)
         kept.append(images[:max(n_paired(args) - start, 0)])
         parts.append(features(images))

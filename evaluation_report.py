@@ -119,7 +119,8 @@ def markdown(rows, args, elapsed, device):
     for r in rows:
         steps = f"{r['steps']} step{'s' if r['steps'] != 1 else ''}"
         model = ("floor: real vs real" if r["model"] == "floor" else
-                 f"base ({steps})" if r["model"] == "base" else f"distilled, {steps}")
+                 f"base ({steps})" if r["model"] == "base" else
+                 f"re-parameterised base ({steps})" if r["model"] == "reparameterised" else f"distilled, {steps}")
         reference = r is rows[1]
         lines.append(f"| {model} | {LABELS.get(r['sampler'], r['sampler'])}{' (reference)' if reference else ''} | "
                      f"{r['nfe']} | {_pm(r, 'fid', 'fid_sd', 3)} | {r['kid']:.4g} ± {r['kid_sd']:.2g} | "

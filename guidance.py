@@ -1,4 +1,4 @@
-"""Classifier-free guidance and guidance distillation: the math (it imports no training code).
+"""Classifier-free guidance: the guided prediction and its count of network calls (no training code).
 
 References
 - Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022 (Eq. 6, the guided prediction
@@ -7,8 +7,9 @@ References
   student that takes w as an input to match the guided teacher at w ~ U[w_min, w_max]; stage two is
   progressive distillation with w given to teacher and student alike).
 
-CFG on v. At fixed z, x_hat = alpha z - sigma v_hat and eps_hat = sigma z + alpha v_hat are affine in v_hat,
-and the weights (1 + w) and -w sum to 1, so guiding v, eps or x_hat is one and the same:
+CFG on the network's output. At fixed z, x_hat = alpha z - sigma v_hat and eps_hat = sigma z + alpha v_hat are
+affine in v_hat (and in eps_hat, x_hat likewise), and the weights (1 + w) and -w sum to 1, so guiding v, eps or
+x_hat is one and the same, whatever the network predicts:
     v_w = (1 + w) v(z, c) - w v(z, null);  w = 0 is plain conditional sampling.
 
 A guided network has the signature of the network it wraps, forward(z, t, y=None, w=None), so every

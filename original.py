@@ -16,8 +16,8 @@ import math
 import torch
 
 import samplers
-from checkpoints import (checkpoint_channel_order, checkpoint_conditioning, checkpoint_time_labels, clean_state_dict,
-                         load_weights)
+from checkpoints import (OWN_COSINE_TABLE, checkpoint_channel_order, checkpoint_conditioning, checkpoint_prediction,
+                         checkpoint_schedule, checkpoint_time_labels, clean_state_dict, load_weights)
 from cli import UserError
 from diffusion import alpha_sigma_tables, model_grid
 from unet import UNet
@@ -128,6 +128,10 @@ def for_original(ckpt, model, source):
       at the output (weight and bias) of the last one (`out.2`); with a spatial fold f each image channel
       is a group of f*f folded channels, and whole groups change places.
     """
+    levels, prediction = ckpt.get("noise_levels", OWN_COSINE_TABLE), checkpoint_prediction(ckpt)
+    if levels != OWN_COSINE_TABLE or prediction != "v" or checkpoint_schedule(ckpt)[0] != "cosine":
+        raise UserError(f"{source} predicts {prediction} on the {checkpoint_schedule(ckpt)[0]} schedule's levels; "
+                        "the original's sample.py samples v-prediction on its own cosine table only")
     if not isinstance(model, UNet):
         raise UserError(f"--for_original True converts the UNet of unet.py (the original's layout); "
                         f"this user module's make_model() returns a {type(model).__name__}")

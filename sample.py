@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torchvision
 
 import samplers
-from checkpoints import check_guidance_weight, checkpoint_channel_order, checkpoint_conditioning
+from checkpoints import check_guidance_weight, checkpoint_channel_order, checkpoint_conditioning, checkpoint_prediction
 from cli import (ArgumentParser, UserError, add_common_arguments, label_list, main_guard, nonnegative_float,
                  positive_int, str2bool)
 from runtime import AMP_DTYPES, RunContext
@@ -120,7 +120,8 @@ def main(argv=None):
             with ctx.autocast():
                 picture = trajectory_grid(net, grid, image_noise(images, shape, args.seed).to(ctx.device), bgr=bgr,
                                           spec=spec, step_noise=samplers.per_image_noise(images, args.seed),
-                                          extra_args=images_of(extra_args, images), progress=True)
+                                          extra_args=images_of(extra_args, images), progress=True,
+                                          prediction=checkpoint_prediction(ckpt))
             save_png(picture, args.out_file)
         return finish(ctx)
 
@@ -128,7 +129,7 @@ def main(argv=None):
     with ctx.autocast():
         samples = generate(net, grid, spec, this_rank, shape, args.seed, extra_args=images_of(extra_args, this_rank),
                            device=ctx.device, chunk_size=args.chunk_size, channels_last=args.channels_last,
-                           progress=ctx.is_main)
+                           progress=ctx.is_main, prediction=checkpoint_prediction(ckpt))
     samples = gather_in_order(ctx, samples, args.num_images)
     if ctx.is_main:
         if bgr and samples.shape[1] == 3:

@@ -117,25 +117,26 @@ def image_noise(indices, shape, seed):
     return seeding.image_randn(indices, shape, seed, "start")
 
 
-def sample_batch(model, grid, spec, x, extra_args=None, noise=None, callback=None, progress=False):
-    """spec's sampler from the starting noise x over `grid`, the network in eval mode meanwhile."""
+def sample_batch(model, grid, spec, x, extra_args=None, noise=None, callback=None, progress=False, prediction="v"):
+    """spec's sampler from the starting noise x over `grid`, the network (predicting eps, x or v) in eval mode
+    meanwhile."""
     was_training = model.training
     model.eval()
     try:
         return samplers.SAMPLERS[spec.name].function(model, x, grid, extra_args, callback, progress, noise,
-                                                     **spec.options)
+                                                     prediction, **spec.options)
     finally:
         model.train(was_training)
 
 
 def generate(model, grid, spec, indices, shape, seed, extra_args=None, device="cpu", chunk_size=256,
-             channels_last=False, progress=False, callback=None):
+             channels_last=False, progress=False, callback=None, prediction="v"):
     """The images `indices` as a float32 CPU tensor [len(indices), C, H, W], unclamped.
 
     Image i starts from image_noise(i, seed) and draws its step noise from per_image_noise(i, seed): it
     depends only on (seed, i). extra_args: the network's keyword arguments; a tensor whose first dimension is
     len(indices) holds one row per image and is cut into the same chunks. callback: the samplers' callback,
-    called for each chunk.
+    called for each chunk. prediction: what the network outputs (eps, x or v; checkpoints.checkpoint_prediction).
     """
     indices = list(indices)
     out = []
@@ -147,7 +148,7 @@ def generate(model, grid, spec, indices, shape, seed, extra_args=None, device="c
         chunk_args = {key: value[start:start + len(chunk)] if _per_image(value, len(indices)) else value
                       for key, value in (extra_args or {}).items()}
         images = sample_batch(model, grid, spec, x, chunk_args, samplers.per_image_noise(chunk, seed), callback,
-                              progress)
+                              progress, prediction)
         out.append(images.float().cpu())
     return torch.cat(out) if out else torch.zeros([0] + list(shape))
 
@@ -169,7 +170,7 @@ def preview_extra_args(make_extra_args, conditioning, count, device):
 
 
 def trajectory_grid(model, grid, noise, captures=5, bgr=False, spec=None, step_noise=None, extra_args=None,
-                    progress=False):
+                    progress=False, prediction="v"):
     """Sample from `noise` over `grid`; return a CHW picture in [0, 1] with one row per captured step, the last
     row the final images (the original's visualisation). spec: the sampler (default: the original's
     ancestral); step_noise: the samplers' noise(i, like) (default: torch.randn_like). bgr=True flips channels
@@ -183,7 +184,7 @@ def trajectory_grid(model, grid, noise, captures=5, bgr=False, spec=None, step_n
         if state["i"] in capture_at and state["i"] != n - 1:
             rows.append(state["x"].float().cpu())
 
-    final = sample_batch(model, grid, spec, noise, extra_args, step_noise, callback, progress)
+    final = sample_batch(model, grid, spec, noise, extra_args, step_noise, callback, progress, prediction)
     images = torch.cat(rows + [final.float().cpu()], dim=0)
     if bgr and images.shape[1] == 3:
         images = images.flip(1)

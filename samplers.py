@@ -1,9 +1,10 @@
 """Samplers of v-parameterised diffusion models over a grid of noise levels (after k-diffusion's sampling.py).
 
-    sample_NAME(model, x, grid, extra_args=None, callback=None, progress=False, noise=None, **options)
+    sample_NAME(model, x, grid, extra_args=None, callback=None, progress=False, noise=None, prediction="v",
+                **options)
 
-- model(z, label, **extra_args) -> v_hat: the network (or classifier-free guidance over it, guidance.py);
-  x_hat = alpha z - sigma v_hat (diffusion.predict_start_from_v).
+- model(z, label, **extra_args): the network (or classifier-free guidance over it, guidance.py), whose output
+  is eps, x or v as `prediction` says; x_hat = diffusion.predict_start(prediction, z, output, alpha, sigma).
 - x: the starting noise; grid: a diffusion.Grid, the levels to visit noisiest first, ending at clean data,
   where every sampler returns x_hat (as the original's DDIM does at index 0). One network call per grid
   point and image (sample_utils.nfe counts them).
@@ -28,13 +29,14 @@ from tqdm import tqdm
 
 import seeding
 from diffusion import (ddim_sigma, ddim_step, forward_transition, half_log_snr, posterior, predict_eps_from_start,
-                       predict_start_from_v)
+                       predict_start)
 
 
-def denoise(model, z, grid, i, extra_args, clip_value=None):
-    """x_hat at grid point i in float64, clipped to +-clip_value if given."""
+def denoise(model, z, grid, i, extra_args, prediction="v", clip_value=None):
+    """x_hat at grid point i in float64 from the network's output (`prediction`: eps, x or v), clipped to
+    +-clip_value if given."""
     alpha, sigma = grid.level(i, z)
-    x_hat = predict_start_from_v(z, model(z.float(), grid.label(i, z), **extra_args).double(), alpha, sigma)
+    x_hat = predict_start(prediction, z, model(z.float(), grid.label(i, z), **extra_args).double(), alpha, sigma)
     return x_hat.clamp(-clip_value, clip_value) if clip_value else x_hat
 
 
@@ -52,13 +54,14 @@ def _report(callback, z, i, grid, x_hat):
 
 
 @torch.no_grad()
-def sample_ancestral(model, x, grid, extra_args=None, callback=None, progress=False, noise=None, clip=True):
+def sample_ancestral(model, x, grid, extra_args=None, callback=None, progress=False, noise=None, prediction="v",
+                     clip=True):
     """Ancestral sampling (the original's `ddpm`): z_s ~ q(z_s | z_t, x = x_hat) between consecutive grid
     points, x_hat clipped to [-1, 1] when clip; the variance clipped at 1e-20 as the original's
     log-variance; no noise into clean data."""
     extra_args, z = extra_args or {}, x.double()
     for i in _steps(grid, progress):
-        x_hat = denoise(model, z, grid, i, extra_args, 1.0 if clip else None)
+        x_hat = denoise(model, z, grid, i, extra_args, prediction, 1.0 if clip else None)
         c_x, c_z, variance = posterior(*grid.level(i + 1, z), *grid.level(i, z))
         z = c_x * x_hat + c_z * z
         if i + 1 < len(grid):
@@ -68,7 +71,8 @@ def sample_ancestral(model, x, grid, extra_args=None, callback=None, progress=Fa
 
 
 @torch.no_grad()
-def sample_ddim(model, x, grid, extra_args=None, callback=None, progress=False, noise=None, eta=0.0, clip_value=None):
+def sample_ddim(model, x, grid, extra_args=None, callback=None, progress=False, noise=None, prediction="v",
+                eta=0.0, clip_value=None):
     """DDIM (Song et al. Eq. 12, sigma_eta of Eq. 16 times eta in [0, 1]; SPEC "Samplers") with x_hat and
     eps_hat = (z - alpha x_hat)/sigma clipped at +-clip_value (the original's clipped sampler; None or 0:
     none). eta = 0 is deterministic; eta = 1 draws from the ancestral posterior."""
@@ -77,7 +81,7 @@ def sample_ddim(model, x, grid, extra_args=None, callback=None, progress=False, 
     extra_args, z = extra_args or {}, x.double()
     for i in _steps(grid, progress):
         (alpha_t, sigma_t), (alpha_s, sigma_s) = grid.level(i, z), grid.level(i + 1, z)
-        x_hat = denoise(model, z, grid, i, extra_args, clip_value)
+        x_hat = denoise(model, z, grid, i, extra_args, prediction, clip_value)
         eps_hat = predict_eps_from_start(z, x_hat, alpha_t, sigma_t)
         if clip_value:
             eps_hat = eps_hat.clamp(-clip_value, clip_value)
@@ -91,7 +95,7 @@ def sample_ddim(model, x, grid, extra_args=None, callback=None, progress=False, 
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, grid, extra_args=None, callback=None, progress=False, noise=None):
+def sample_dpmpp_2m(model, x, grid, extra_args=None, callback=None, progress=False, noise=None, prediction="v"):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep second order in lambda = log(alpha/sigma) on
     the data prediction. With h = lambda_s - lambda_t and r = h_prev/h, D = (1 + 1/(2r)) x_hat - 1/(2r)
     x_hat_prev, z_s = (sigma_s/sigma_t) z - alpha_s (e^{-h} - 1) D. The first step is first order (a DDIM
@@ -99,7 +103,7 @@ def sample_dpmpp_2m(model, x, grid, extra_args=None, callback=None, progress=Fal
     extra_args, z = extra_args or {}, x.double()
     x_prev = h_prev = None
     for i in _steps(grid, progress):
-        x_hat = denoise(model, z, grid, i, extra_args)
+        x_hat = denoise(model, z, grid, i, extra_args, prediction)
         if i + 1 == len(grid):
             z = x_hat
         else:
@@ -114,13 +118,13 @@ def sample_dpmpp_2m(model, x, grid, extra_args=None, callback=None, progress=Fal
 
 
 @torch.no_grad()
-def sample_stochastic(model, x, grid, extra_args=None, callback=None, progress=False, noise=None):
+def sample_stochastic(model, x, grid, extra_args=None, callback=None, progress=False, noise=None, prediction="v"):
     """The N-step stochastic sampler of Meng et al. 2023 (Sec. 3): from point i a deterministic DDIM step of
     twice the length to point i+2, then back to point i+1 with the exact forward transition
     q(z_{i+1} | z_{i+2}) (Kingma et al. Sec. 3); the last step, into clean data, is deterministic."""
     extra_args, z = extra_args or {}, x.double()
     for i in _steps(grid, progress):
-        x_hat = denoise(model, z, grid, i, extra_args)
+        x_hat = denoise(model, z, grid, i, extra_args, prediction)
         two = min(i + 2, len(grid))
         eps_hat = predict_eps_from_start(z, x_hat, *grid.level(i, z))
         z = ddim_step(x_hat, eps_hat, *grid.level(two, z))

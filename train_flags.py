@@ -1,6 +1,12 @@
 """The command lines of train.py and distillate.py (the original's flag names and meanings, with SPEC's fixes)."""
-from cli import (ArgumentParser, add_common_arguments, decay, finite_float, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, str2bool, unit_interval, worker_count)
+import os
+
+import numpy as np
+import torch
+
+from cli import (ArgumentParser, UserError, add_common_arguments, decay, finite_float, nonnegative_float,
+                 nonnegative_int, positive_float, positive_int, str2bool, unit_interval, worker_count)
+from diffusion import PREDICTIONS, SCHEDULES, X_ERROR_WEIGHTINGS, check_betas, make_beta_schedule
 from lr_schedules import LR_SCHEDULES
 from runtime import AMP_DTYPES
 from train_utils import DISTILL_WEIGHTINGS
@@ -52,10 +58,72 @@ def add_training_arguments(parser, *, lr, scheduler, num_iters, ema_decay, dname
 
 
 
+BETA_START, BETA_END = 1e-4, 0.02  # DDPM's (Ho et al. Sec. 4)
+
+
+def add_schedule_arguments(group, default):
+    """The base schedule: a named one of diffusion.SCHEDULES or an explicit table (--schedule table --betas FILE)."""
+    group.add_argument("--schedule", default=default, choices=list(SCHEDULES) + ["table"],
+                       help="beta schedule: cosine (the original's), linear (DDPM's, --beta_start to --beta_end), "
+                            "scaled_linear (linear in sqrt(beta)), table (the betas of --betas FILE)")
+    group.add_argument("--beta_start", type=positive_float, default=None,
+                       help=f"linear schedules: the first beta (unset: {BETA_START:g})")
+    group.add_argument("--beta_end", type=positive_float, default=None,
+                       help=f"linear schedules: the last beta (unset: {BETA_END:g})")
+    group.add_argument("--betas", default="", help="--schedule table: a .npy, .pt or text file of one beta per step")
+
+
+def read_beta_table(path):
+    """The float64 betas of a .npy, .pt (a tensor) or text file, checked (diffusion.check_betas)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--betas {path} does not exist")
+    try:
+        if path.endswith(".npy"):
+            values = np.load(path, allow_pickle=False)
+        elif path.endswith(".pt"):
+            values = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            values = np.loadtxt(path, ndmin=1)
+        return check_betas(torch.as_tensor(values))
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        raise UserError(f"--betas {path}: {' '.join(str(e).split())[:200]}") from None
+
+
+def schedule_from_args(args, n):
+    """(name, float64 betas of n steps) of the schedule flags; UserError for inconsistent ones."""
+    if args.schedule != "table" and args.betas:
+        raise UserError(f"--betas gives the table of --schedule table, not of --schedule {args.schedule}")
+    if args.schedule not in ("linear", "scaled_linear") and (args.beta_start, args.beta_end) != (None, None):
+        raise UserError(f"--beta_start and --beta_end belong to the linear schedules, not to --schedule {args.schedule}")
+    if args.schedule == "table":
+        if not args.betas:
+            raise UserError("--schedule table needs --betas FILE, the table of betas")
+        betas = read_beta_table(args.betas)
+        if n is not None and len(betas) != n:
+            raise UserError(f"--betas {args.betas} holds {len(betas)} betas, but the model has {n} steps")
+        return "table", betas
+    try:
+        return args.schedule, make_beta_schedule(args.schedule, n, args.beta_start or BETA_START,
+                                                 args.beta_end or BETA_END)
+    except ValueError as e:
+        raise UserError(str(e).replace("beta_start", "--beta_start").replace("beta_end", "--beta_end")) from None
+
+
 def train_argument_parser(description):
     parser = ArgumentParser(description=description)
     add_common_arguments(parser)
-    parser.add_argument("--num_timesteps", type=positive_int, default=1024, help="diffusion steps N of the base model")
+    parser.add_argument("--num_timesteps", type=positive_int, default=None,
+                        help="diffusion steps N of the base model (unset: 1024, or the length of --betas)")
+    add_schedule_arguments(parser.add_argument_group("noise schedule"), "cosine")
+    parser.add_argument("--zero_terminal_snr", type=str2bool, default=False,
+                        help="rescale the schedule to zero SNR at the last step (Lin et al. 2023, Algorithm 1; "
+                             "with --prediction v or x)")
+    parser.add_argument("--prediction", default="v", choices=PREDICTIONS,
+                        help="what the network predicts: eps (the noise, as DDPM), x (the clean image) or v")
+    parser.add_argument("--weighting", default=None, choices=X_ERROR_WEIGHTINGS,
+                        help="weight of the x error in the loss: snr+1 (the MSE of v), snr (the MSE of eps, DDPM's), "
+                             "truncated_snr (max(SNR, 1)), constant (the MSE of x); unset: the MSE of what the "
+                             "network predicts")
     parser.add_argument("--diffusion", default="GaussianDiffusion", choices=DIFFUSIONS,
                         help="the original's diffusion class: accepted for its command lines, both train alike")
     add_training_arguments(
@@ -78,8 +146,19 @@ def distill_argument_parser(description):
     parser.add_argument("--diffusion", default="GaussianDiffusionDefault", choices=["GaussianDiffusionDefault"],
                         help="the teacher's diffusion class: accepted for the original's command lines, which name it")
     parser.add_argument("--weighting", default="snr+1", choices=DISTILL_WEIGHTINGS,
-                        help="snr+1: MSE on v; truncated_snr: max(SNR, 1) on x (the paper's); "
-                             "original: the original implementation's clipped one-x target (not Algorithm 2)")
+                        help="weight of the x error: snr+1 (the MSE of v); truncated_snr: max(SNR, 1) (the paper's); "
+                             "snr (the MSE of eps); constant (the MSE of x); original: the original "
+                             "implementation's clipped one-x target (not Algorithm 2)")
+    parser.add_argument("--prediction", default="v", choices=PREDICTIONS,
+                        help="what the students predict; a teacher that predicts otherwise is first turned into "
+                             "one that predicts this (<dname>_<prediction>, its own steps: the teacher's prediction "
+                             "matched at every noise level), then halved")
+    parser.add_argument("--prediction_num_iters", type=positive_int, default=None,
+                        help="optimizer steps of that change of prediction (unset: --num_iters)")
+    group = parser.add_argument_group("a teacher file without records (e.g. the original's or another library's)")
+    group.add_argument("--teacher_prediction", default=None, choices=PREDICTIONS,
+                       help="what the teacher predicts (unset: its record, else v); refused if it contradicts the record")
+    add_schedule_arguments(group, None)
     parser.add_argument("--gamma", type=finite_float, default=0.0,
                         help="the original's weight w = (1 + alpha/sigma)^gamma: the loss is "
                              "mse(w v_student, w v_target) (snr+1 and original weightings; 0: none)")

@@ -28,12 +28,13 @@ from tqdm import tqdm
 import seeding
 from checkpoints import FORMAT_VERSION, clean_state_dict, load_weights, save_checkpoint
 from cli import UserError
-from diffusion import distillation_target, predict_start_from_v, predict_v, q_sample, two_teacher_steps
+from diffusion import (distillation_target, output_weight, predict_start, prediction_target, q_sample, training_target,
+                       two_teacher_steps, x_error_weight)
 from lr_schedules import LR_SCHEDULES, make_optimizer, optimizer_name, set_lr
 from sample_utils import preview_extra_args, trajectory_grid
 from training_data import make_loader
 
-DISTILL_WEIGHTINGS = ("snr+1", "truncated_snr", "original")
+DISTILL_WEIGHTINGS = ("snr+1", "truncated_snr", "snr", "constant", "original")
 
 
 # -- the randomness of one step ------------------------------------------------------------------
@@ -81,33 +82,43 @@ def _at(grid, t):
     return len(grid) - 1 - t
 
 
-def training_loss(net, x, draws, extra_args, *, grid):
-    """The base model's loss: mean squared error of v at z = alpha x + sigma eps of step t (Salimans & Ho,
-    the "SNR+1" weighting of the x error)."""
+def weighted_error(out, target, weighting, prediction, alpha, sigma):
+    """Per-sample mean of x_error_weight |x_hat - x|^2, computed in the network's output space as
+    (x_error_weight * output_weight) |out - target|^2 (diffusion.output_weight): the same objective whatever the
+    network predicts; for a v network with "snr+1" the weight is 1, the plain MSE of v."""
+    weight = (x_error_weight(weighting, alpha, sigma) * output_weight(prediction, alpha, sigma)).float()
+    return (weight * (out.float() - target.float()) ** 2).flatten(1).mean(1)
+
+
+def training_loss(net, x, draws, extra_args, *, grid, prediction="v", weighting="snr+1"):
+    """The base model's loss at z = alpha x + sigma eps of step t: the weighted x error (Salimans & Ho Sec. 4),
+    by default the MSE of what the network predicts (v: "snr+1"; eps: "snr", Ho et al.'s L_simple)."""
     alpha, sigma = grid.level(_at(grid, draws.t), x)
     z = q_sample(x, draws.eps, alpha, sigma)
-    v_pred = net(z.float(), grid.label(_at(grid, draws.t), x), **extra_args).float()
-    return ((v_pred - predict_v(x, draws.eps, alpha, sigma).float()) ** 2).flatten(1).mean(1)
+    out = net(z.float(), grid.label(_at(grid, draws.t), x), **extra_args)
+    return weighted_error(out, training_target(prediction, x, draws.eps, alpha, sigma), weighting, prediction,
+                          alpha, sigma)
 
 
 def distillation_loss(student, x, draws, extra_args, *, teacher, teacher_grid, student_grid, weighting="snr+1",
-                      gamma=0.0):
-    """Algorithm 2 of Salimans & Ho: student index j = draws.t has the level of teacher index 2j+1; the
-    target comes from two DDIM steps of the teacher (diffusion.distillation_target, float64, no gradients).
+                      gamma=0.0, teacher_prediction="v", prediction="v"):
+    """Algorithm 2 of Salimans & Ho: student point j = draws.t has the level of teacher point 2j+1 (counted from
+    the least noisy); the target comes from two DDIM steps of the teacher (diffusion.distillation_target,
+    float64, no gradients), each network predicting as its `prediction` says (eps, x or v).
 
-    weighting: "snr+1" - MSE in v space (the x error weighted by SNR + 1); "truncated_snr" - max(SNR, 1)
-    times the x error (the paper's); "original" - the original implementation's target, the teacher's
-    second x prediction clipped to [-1, 1], in v space. gamma g (snr+1 and original): the original's
-    mse(w v_student, w v_target), w = (1 + alpha/sigma)^g.
+    weighting (of the x error): "snr+1" (the MSE of v), "truncated_snr" max(SNR, 1) (the paper's), "snr",
+    "constant"; "original" - the original implementation's target, the teacher's second x prediction clipped to
+    [-1, 1], with the "snr+1" weight. gamma g (snr+1 and original): the original's mse(w v_student, w v_target),
+    w = (1 + alpha/sigma)^g.
     """
     x = x.double()
-    t = _at(teacher_grid, 2 * draws.t + 1)  # teacher indices 2j+1, 2j, 2j-1 are positions t, t+1, t+2 (clean at j 0)
+    t = _at(teacher_grid, 2 * draws.t + 1)  # teacher points 2j+1, 2j, 2j-1 are positions t, t+1, t+2 (clean at j 0)
     levels = [teacher_grid.level(t + k, x) for k in range(3)]
     z = q_sample(x, draws.eps.double(), *levels[0])
 
     def teacher_x(z_k, k):
-        v = teacher(z_k.float(), teacher_grid.label(t + k, x), **extra_args).double()
-        x_hat = predict_start_from_v(z_k, v, *levels[k])
+        out = teacher(z_k.float(), teacher_grid.label(t + k, x), **extra_args).double()
+        x_hat = predict_start(teacher_prediction, z_k, out, *levels[k])
         return x_hat.clamp(-1, 1) if weighting == "original" else x_hat
 
     with torch.inference_mode():
@@ -116,27 +127,28 @@ def distillation_loss(student, x, draws, extra_args, *, teacher, teacher_grid, s
     z, x_target = z.clone(), x_target.clone()  # ordinary tensors out of inference mode
     j = _at(student_grid, draws.t)
     alpha_s, sigma_s = student_grid.level(j, x)
-    v_student = student(z.float(), student_grid.label(j, x), **extra_args).float()
-    if weighting == "truncated_snr":
-        x_student = alpha_s.float() * z.float() - sigma_s.float() * v_student
-        weight = (alpha_s ** 2 / sigma_s ** 2).clamp(min=1).float()
-        return (weight * (x_student - x_target.float()) ** 2).flatten(1).mean(1)
-    v_target = ((alpha_s * z - x_target) / sigma_s).float()
-    weight_squared = (1 + alpha_s / sigma_s).pow(2 * gamma).float() if gamma else 1.0
-    return (weight_squared * (v_student - v_target) ** 2).flatten(1).mean(1)
+    out = student(z.float(), student_grid.label(j, x), **extra_args)
+    loss = weighted_error(out, prediction_target(prediction, z, x_target, alpha_s, sigma_s),
+                          "snr+1" if weighting == "original" else weighting, prediction, alpha_s, sigma_s)
+    return loss * (1 + alpha_s / sigma_s).pow(2 * gamma).float().flatten() if gamma else loss
 
 
-def guidance_loss(student, x, draws, extra_args, *, teacher, grid):
-    """Stage one of guidance distillation (Meng et al. Sec. 3.1): the w-input student (the teacher's steps)
-    matches the teacher's guided v_w(z, c) (teacher: guidance.ClassifierFreeGuidance, reading y and w from
-    extra_args) at z of step t; the mean squared v error, i.e. the x error weighted by SNR + 1."""
+def imitation_loss(student, x, draws, extra_args, *, teacher, grid, teacher_prediction="v", prediction="v"):
+    """A student with the teacher's levels matches the teacher's prediction at z of step t, weighted "snr+1" on
+    the x error (the MSE of v for v networks). Two uses: stage one of guidance distillation (Meng et al. Sec.
+    3.1: teacher the guided v_w(z, c) of guidance.ClassifierFreeGuidance, reading y and w from extra_args, and a
+    w-input student), and a change of parameterisation (an eps teacher, a v or x student from its weights)."""
     position = _at(grid, draws.t)
-    z = q_sample(x, draws.eps, *grid.level(position, x)).float()
+    alpha, sigma = grid.level(position, x)
+    z = q_sample(x, draws.eps, alpha, sigma).float()
     label = grid.label(position, x)
     with torch.no_grad():
-        v_target = teacher(z, label, **extra_args).float()
-    v_student = student(z, label, **extra_args).float()
-    return ((v_student - v_target) ** 2).flatten(1).mean(1)
+        target = teacher(z, label, **extra_args).float()
+        if teacher_prediction != prediction:
+            x_hat = predict_start(teacher_prediction, z.double(), target.double(), alpha, sigma)
+            target = prediction_target(prediction, z.double(), x_hat, alpha, sigma)
+    out = student(z, label, **extra_args)
+    return weighted_error(out, target, "snr+1", prediction, alpha, sigma)
 
 
 class Stage(NamedTuple):
@@ -344,7 +356,8 @@ def preview(writer, model, stage, args, ctx, step):
     count = args.log_images
     noise = seeding.image_randn(range(count), model.image_size[1:], args.seed, "start").to(ctx.device)
     extra_args = preview_extra_args(stage.make_extra_args, stage.conditioning, count, ctx.device)
-    grid = trajectory_grid(model, stage.grid, noise, extra_args=extra_args, bgr=stage.meta.get("channel_order") == "BGR")
+    grid = trajectory_grid(model, stage.grid, noise, extra_args=extra_args, bgr=stage.meta.get("channel_order") == "BGR",
+                           prediction=stage.meta.get("prediction", "v"))
     writer.add_image("samples", grid, step)
     writer.flush()
 

@@ -198,6 +198,11 @@ def write_run_folder(folder, server, logs, marker):
     save({"G": g, "n_timesteps": 1, "time_scale": 8, "time_labels": "aligned"}, ck / "one_step.pt")
     save({"G": g, "n_timesteps": 4, "time_scale": 2, "time_labels": "aligned"}, ck / "student4.pt")
     (ck / "teacher_copy.pt").write_bytes((folder / VALID).read_bytes())  # the same teacher at another path
+    linear = torch.linspace(1e-4, 0.02, 8, dtype=torch.float64)
+    save({"G": g, "n_timesteps": 1, "time_scale": 8.0, "time_labels": "aligned", "noise_levels": "schedule_grid",
+          "grid": [7], "schedule": {"name": "linear", "betas": linear}, "prediction": "v"}, ck / "one_step_grid.pt")
+    (ck / "betas_bad.txt").write_text("\n".join(["0.01"] * 7 + ["1.5"]) + "\n")
+    (ck / "betas_short.txt").write_text("\n".join(["0.01"] * 5) + "\n")
     distil = server.run("distillate.py", DISTIL_DONE, cwd=folder, logs=logs)
     assert distil.returncode == 0, distil.stdout + distil.stderr
     save(g, ck / "state_dict_only.pt")  # torch.save(model.state_dict(), ...): not a checkpoint dict
@@ -379,6 +384,34 @@ CASES = [
          + DISTIL_DONE[DISTIL_DONE.index("--base_checkpoint") + 2:], "student of"),
     Case("distil_plain_gaussian_diffusion", "distillate.py",
          DISTIL + ["--base_checkpoint", VALID, "--diffusion", "GaussianDiffusion"], "diffusion"),
+    # schedules and parameterisations
+    Case("train_unknown_schedule", "train.py", TOY_TRAIN + ["--schedule", "quadratic"], "schedule"),
+    Case("train_beta_end_below_beta_start", "train.py",
+         TOY_TRAIN + ["--schedule", "linear", "--beta_start", 0.02, "--beta_end", 0.01], "beta_start"),
+    Case("train_beta_of_1_5_in_the_table", "train.py", TOY_TRAIN + ["--schedule", "table", "--betas", "ck/betas_bad.txt"],
+         "(0, 1)"),
+    Case("train_beta_table_of_the_wrong_length", "train.py",
+         TOY_TRAIN + ["--schedule", "table", "--betas", "ck/betas_short.txt"], "holds 5 betas"),
+    Case("train_table_without_betas", "train.py", TOY_TRAIN + ["--schedule", "table"], "--betas"),
+    Case("train_betas_with_a_named_schedule", "train.py", TOY_TRAIN + ["--betas", "ck/betas_short.txt"], "--betas"),
+    Case("train_beta_start_with_cosine", "train.py", TOY_TRAIN + ["--beta_start", 0.001], "beta_start"),
+    Case("train_unknown_prediction", "train.py", TOY_TRAIN + ["--prediction", "noise"], "prediction"),
+    Case("train_zero_terminal_snr_with_eps", "train.py",
+         TOY_TRAIN + ["--schedule", "linear", "--zero_terminal_snr", "True", "--prediction", "eps"], "eps"),
+    Case("train_continue_with_another_schedule", "train.py",
+         TOY_TRAIN + ["--checkpoint_to_continue", VALID, "--schedule", "linear"], "schedule"),
+    Case("train_continue_with_another_prediction", "train.py",
+         TOY_TRAIN + ["--checkpoint_to_continue", VALID, "--prediction", "eps"], "predicts"),
+    Case("distil_schedule_contradicting_the_record", "distillate.py",
+         DISTIL + ["--base_checkpoint", VALID, "--schedule", "linear"], "schedule"),
+    Case("distil_teacher_prediction_contradicting_the_record", "distillate.py",
+         DISTIL + ["--base_checkpoint", VALID, "--teacher_prediction", "eps"], "records"),
+    Case("distil_betas_without_schedule", "distillate.py",
+         DISTIL + ["--base_checkpoint", VALID, "--betas", "ck/betas_short.txt"], "--schedule"),
+    Case("distil_unrecorded_linear_teacher_that_is_a_student", "distillate.py",
+         DISTIL + ["--base_checkpoint", "ck/student4.pt", "--schedule", "linear"], "base model"),
+    Case("distil_a_one_step_grid_teacher", "distillate.py", DISTIL + ["--base_checkpoint", "ck/one_step_grid.pt"],
+         "at least 2"),
     # sample.py
     Case("sample_time_scale_not_dividing", "sample.py",
          SAMPLE + ["--checkpoint", VALID, "--out_file", "out.png", "--time_scale", 3], "time_scale"),

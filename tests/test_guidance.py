@@ -17,7 +17,7 @@ import train
 from diffusion import alpha_sigma_tables, make_beta_schedule, model_grid
 from guidance import ClassifierFreeGuidance, calls_per_step, cfg_calls
 from sample_utils import nfe
-from train_utils import conditioned, draw_step, guidance_loss
+from train_utils import conditioned, draw_step, imitation_loss
 from unet import UNet
 from user_modules import guided_network, load_model_from_checkpoint, make_guidance_student
 
@@ -253,11 +253,11 @@ def test_stage_one_loss_is_zero_when_the_student_is_the_guided_teacher():
     x = (MEANS[y] + DATA_STD * torch.randn(batch, 4, generator=g, dtype=torch.float64)).reshape(batch, 1, 2, 2).float()
     draws = draw_step(0, 0, 0, x, N_STEPS, {})
     assert len(set(draws.t.tolist())) > N_STEPS // 2  # many noise levels
-    losses = guidance_loss(GuidedGaussianStudent(), x, draws, {"y": y, "w": w}, teacher=teacher, grid=grid)
+    losses = imitation_loss(GuidedGaussianStudent(), x, draws, {"y": y, "w": w}, teacher=teacher, grid=grid)
     assert losses.shape == (batch,) and losses.max() < 1e-8
     # the student without guidance (w = 0) is wrong wherever w > 0 and the class is not the null one
     student = GuidedGaussianStudent()
-    wrong = guidance_loss(lambda z, label, y, w: student(z, label, y, 0 * w), x, draws, {"y": y, "w": w},
+    wrong = imitation_loss(lambda z, label, y, w: student(z, label, y, 0 * w), x, draws, {"y": y, "w": w},
                           teacher=teacher, grid=grid)
     assert wrong[(y != K) & (w > 0.5)].min() > 1e-4
 
