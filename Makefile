@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test evaluate evaluate-guided reproduce-digits reproduce-digits-cond reproduce-digits-eps bench clean-venv
+.PHONY: demo test evaluate evaluate-guided reproduce-digits reproduce-digits-cond reproduce-digits-eps evaluate-eps bench clean-venv
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ evaluate-guided: $(VENV)/.installed  ## accuracy, KID, FID and pairing at each g
 
 reproduce-digits-cond: $(VENV)/.installed  ## rerun the whole guided digits chain from scratch, evaluation included
 	bash bench/reproduce_digits_cond.sh
+
+evaluate-eps: $(VENV)/.installed  ## the shipped eps-teacher chains measured: checkpoints/digits_eps/evaluation.* (v students) and evaluation_x.* (x students)
+	$(PY) evaluate.py --module digits_u --checkpoints checkpoints/digits_eps/original/checkpoint.pt \
+	    checkpoints/digits_eps/base_[0-9]*/checkpoint.pt --nfe 1,2,4,8,16,32 --num_images 1000 --chunk_size 1000 \
+	    --seed 0 --device cpu --samplers ddim,dpmpp_2m --distilled_samplers ddim --out checkpoints/digits_eps/evaluation
+	$(PY) evaluate.py --module digits_u --checkpoints checkpoints/digits_eps/original/checkpoint.pt \
+	    checkpoints/digits_eps/x_*/checkpoint.pt --nfe 1,2,4,8,16,32 --num_images 1000 --chunk_size 1000 --seed 0 \
+	    --device cpu --samplers ddim --out checkpoints/digits_eps/evaluation_x
 
 reproduce-digits-eps: $(VENV)/.installed  ## a 1000-step linear-schedule eps teacher trained and distilled to one step (v students) and to 32 (x students), evaluation included
 	bash bench/reproduce_digits_eps.sh

@@ -22,8 +22,9 @@ $PY bench/training_time.py --run "checkpoints/$RUN" --out "$OUT/training_time.md
 for stage in original base_v base_0 base_1 base_2 base_3 base_4 base_5 base_6 base_7 base_8 x_x x_0 x_1 x_2 x_3; do
   $PY export_checkpoint.py "checkpoints/$RUN/$stage/checkpoint.pt" "$OUT/$stage" --half True
 done
-$PY evaluate.py --module digits_u --checkpoints "$OUT"/original/checkpoint.pt "$OUT"/base_*/checkpoint.pt \
-  --nfe 1,2,4,8,16,32 --num_images 1000 --chunk_size 1000 --seed 0 --device cpu --out "$OUT/evaluation"
+$PY evaluate.py --module digits_u --checkpoints "$OUT"/original/checkpoint.pt "$OUT"/base_[0-9]*/checkpoint.pt \
+  --nfe 1,2,4,8,16,32 --num_images 1000 --chunk_size 1000 --seed 0 --device cpu --samplers ddim,dpmpp_2m \
+  --distilled_samplers ddim --out "$OUT/evaluation"
 $PY evaluate.py --module digits_u --checkpoints "$OUT"/original/checkpoint.pt "$OUT"/x_*/checkpoint.pt \
   --nfe 1,2,4,8,16,32 --num_images 1000 --chunk_size 1000 --seed 0 --device cpu --samplers ddim \
   --out "$OUT/evaluation_x"

@@ -3,6 +3,7 @@ make: their stored arguments are the scripts' command lines, parsed by today's p
 the student of the one before. The guided models' accuracy in checkpoints/digits_cond/evaluation.csv is
 recomputed from their samples."""
 import csv
+import math
 import os
 import shlex
 
@@ -109,3 +110,53 @@ def test_shipped_guided_students_accuracy_recomputed_from_their_samples(steps):
         with torch.no_grad():
             accuracy = (classifier(images.clamp(-1, 1)).argmax(1) == labels).double().mean().item()
         assert abs(accuracy - float(row["accuracy"])) <= 2 / n, (row["w"], accuracy, row["accuracy"])
+
+
+EPS_CHAINS = {"base": ["original", "base_v"] + [f"base_{k}" for k in range(9)],
+              "x": ["original", "x_x"] + [f"x_{k}" for k in range(4)]}
+
+
+def eps_distil_commands():
+    """{dname: argv} of the distillate.py commands of bench/reproduce_digits_eps.sh (its DISTIL array expanded)."""
+    with open(os.path.join(ROOT, "bench", "reproduce_digits_eps.sh")) as f:
+        text = f.read().replace("\\\n", " ")
+    variables = {"$PY": "python", '"$RUN"': "digits_eps_run", "$RUN": "digits_eps_run"}
+    for name, value in variables.items():
+        text = text.replace(name, value)
+    distil = shlex.split(text.split("DISTIL=(", 1)[1].split(")", 1)[0])
+    commands = {}
+    for line in text.splitlines():
+        if line.startswith("python distillate.py"):
+            words = distil + shlex.split(line.replace('"${DISTIL[@]}"', ""))[2:]
+            commands[words[words.index("--dname") + 1]] = words
+    return commands
+
+
+@pytest.mark.parametrize("dname", EPS_CHAINS)
+def test_the_eps_teacher_chains_are_what_their_script_makes(dname):
+    """The linear eps teacher (1000 steps) and each chain: the stored arguments are the script's, each stage is
+    the finished student of the one before, on the trailing grid of half the points of its teacher's."""
+    argv = eps_distil_commands()[dname]
+    expected = vars(distill_argument_parser("").parse_args(argv))
+    base = load("digits_eps", "original")
+    assert (base["prediction"], base["schedule"]["name"], base["n_timesteps"]) == ("eps", "linear", 1000)
+    assert base["grid"] == list(range(999, -1, -1))
+    stages = EPS_CHAINS[dname]
+    for before, stage in zip(stages, stages[1:]):
+        ckpt = load("digits_eps", stage)
+        assert ckpt["teacher"]["path"] == f"checkpoints/digits_eps_run/{before}/checkpoint.pt"
+        stored = ckpt["args"]
+        differing = {k: (stored[k], expected[k]) for k in stored.keys() & expected.keys()
+                     if stored[k] != expected[k] and k != "num_iters"}
+        assert not differing, (stage, differing)
+        assert ckpt["step"] == (expected["prediction_num_iters"] if stage == stages[1] else expected["num_iters"])
+        assert ckpt["prediction"] == dname if dname == "x" else ckpt["prediction"] == "v"
+        assert torch.equal(ckpt["schedule"]["betas"], base["schedule"]["betas"])
+        if stage == stages[1]:
+            assert ckpt["grid"] == base["grid"]
+        else:
+            teacher = load("digits_eps", before)["grid"]
+            points = 1 << (len(teacher).bit_length() - 1)
+            trailing = [teacher[len(teacher) - math.floor((j + 1) * len(teacher) / points + 0.5)]
+                        for j in range(points - 1, -1, -1)]
+            assert ckpt["grid"] == trailing[0::2], stage
