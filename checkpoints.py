@@ -129,6 +129,11 @@ def checkpoint_schedule(ckpt):
     return "cosine", make_beta_schedule("cosine", round(ckpt["n_timesteps"] * ckpt["time_scale"]))
 
 
+def same_schedule(a, b):
+    """Whether two (name, betas) schedules are one: the same name and table (to 1e-12)."""
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and torch.allclose(a[1], b[1], rtol=0, atol=1e-12)
+
+
 def checkpoint_grid(ckpt, coarsen=1):
     """The grid of all levels of a checkpoint's model, sampled as one of N/coarsen steps (SPEC "Samplers", the
     original's --time_scale). own_cosine_table: the levels of a fresh cosine table of N/coarsen steps, time

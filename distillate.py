@@ -43,7 +43,7 @@ import torch
 
 from checkpoints import (CHECKPOINT_NAME, OWN_COSINE_TABLE, SCHEDULE_GRID, checkpoint_channel_order,
                          checkpoint_conditioning, checkpoint_grid, checkpoint_prediction, checkpoint_schedule,
-                         checkpoint_time_labels, continued_checkpoint, load_checkpoint, schedule_record)
+                         checkpoint_time_labels, continued_checkpoint, load_checkpoint, same_schedule, schedule_record)
 from cli import UserError, main_guard
 from diffusion import grid_indices
 from guidance import ClassifierFreeGuidance
@@ -78,8 +78,7 @@ def described_teacher(ckpt, args, source):
                                      round(ckpt["n_timesteps"] * ckpt["time_scale"]))
     if "schedule" in ckpt:
         recorded, recorded_betas = checkpoint_schedule(ckpt)
-        if recorded != name or len(recorded_betas) != len(betas) or not torch.allclose(recorded_betas, betas,
-                                                                                         rtol=0, atol=1e-12):
+        if not same_schedule((recorded, recorded_betas), (name, betas)):
             raise UserError(f"--schedule {args.schedule}, but {source} records the {recorded} schedule of "
                             f"{len(recorded_betas)} steps; a student keeps its teacher's schedule: leave the flags out")
         return ckpt
@@ -88,8 +87,8 @@ def described_teacher(ckpt, args, source):
             raise UserError(f"{source} has {ckpt['n_timesteps']} steps at time scale {ckpt['time_scale']}; an "
                             f"unrecorded teacher of the {name} schedule ({len(betas)} steps) must be its base model "
                             "(time scale 1, one step per beta)")
-        ckpt.update(noise_levels=SCHEDULE_GRID, grid=list(range(len(betas) - 1, -1, -1)), time_labels="aligned"
-                    if checkpoint_time_labels(ckpt) == "aligned" else "original")
+        ckpt.update(noise_levels=SCHEDULE_GRID, grid=list(range(len(betas) - 1, -1, -1)),
+                    time_labels=checkpoint_time_labels(ckpt))
     ckpt["schedule"] = schedule_record(name, betas)
     return ckpt
 
@@ -143,7 +142,7 @@ def check_resumed_student(resume, meta, teacher_path):
                         f"predict {meta['prediction']}; give --prediction {checkpoint_prediction(ckpt)}, or another --dname")
     if ckpt.get("grid") != meta.get("grid"):
         raise UserError(f"{path} has other noise levels than the student of {teacher_path}; give another --dname")
-    record = {key: meta[key] for key in checkpoint_conditioning(meta)}
+    record = checkpoint_conditioning(meta)
     if checkpoint_conditioning(ckpt) != record:
         raise UserError(f"{path} records the conditioning {checkpoint_conditioning(ckpt)}, but this "
                         f"student of {teacher_path} would have {record}; give the same flags, or another --dname")

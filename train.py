@@ -18,7 +18,8 @@ import os
 import torch
 
 from checkpoints import (OWN_COSINE_TABLE, SCHEDULE_GRID, checkpoint_channel_order, checkpoint_prediction,
-                         checkpoint_schedule, checkpoint_time_labels, continued_checkpoint, schedule_record)
+                         checkpoint_schedule, checkpoint_time_labels, continued_checkpoint, same_schedule,
+                         schedule_record)
 from cli import UserError, main_guard
 from diffusion import model_grid, rescale_zero_terminal_snr
 from lr_schedules import check_training_arguments
@@ -35,8 +36,8 @@ def check_continued(resume, n, name, betas, prediction):
     if ckpt["n_timesteps"] != n or ckpt["time_scale"] != 1:
         raise UserError(f"{path} is a model with {ckpt['n_timesteps']} steps and time scale {ckpt['time_scale']}; "
                         f"train.py continues base models (time scale 1) with --num_timesteps {n}")
-    recorded, recorded_betas = checkpoint_schedule(ckpt)
-    if recorded != name or not torch.allclose(recorded_betas, betas, rtol=0, atol=1e-12):
+    recorded = checkpoint_schedule(ckpt)[0]
+    if not same_schedule(checkpoint_schedule(ckpt), (name, betas)):
         raise UserError(f"{path} was trained with the {recorded} schedule, not the {name} one these flags give; "
                         "give its schedule flags, or another --dname")
     if checkpoint_prediction(ckpt) != prediction:
