@@ -11,33 +11,26 @@ prepare_data.py or a user module. For each we check that
     LMDB data set, an output image, the broken checkpoints themselves) is byte-for-byte unchanged and
     nothing was created (no checkpoint folder, no output file, no half-written data set).
 
-Speed: importing torch costs ~3 s per process, and there are dozens of cases. The scripts are therefore
-run by a small "fork server": one helper process imports the heavy third-party libraries (torch,
-torchvision, numpy, PIL, lmdb, tqdm) once, then forks a fresh child per run that chdirs into the run
-folder, points fds 0/1/2 at /dev/null and two files, sets sys.argv and sys.path[0] as the interpreter
-would, and executes the script with runpy as __main__. Project modules and user modules are imported
-fresh in each child. The child ends as the interpreter would (SystemExit's code; an uncaught exception
-goes to sys.excepthook, which prints the usual "Traceback", and status 1; atexit handlers run), except
-that it skips the ~1 s teardown of torch's modules. `test_fork_server_matches_a_real_process` checks
-that the fork server reports the same status and output as a real `python script.py` run.
+Speed: importing torch costs ~3 s per process, and there are dozens of cases: the scripts run through
+tests/fork_server.py, which imports the heavy libraries once and forks a child per run.
+`test_fork_server_matches_a_real_process` checks that the fork server reports the same status and output as
+a real `python script.py` run.
 """
 import dataclasses
 import hashlib
-import json
 import os
 import pickle
 import random
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TESTS
+import fork_server
+from conftest import ROOT
 
 VALID = "checkpoints/toy/base/checkpoint.pt"  # a checkpoint trained by train.py, with its run folder
 MARKER_NAME = "UNPICKLED_CODE_RAN"  # created if the crafted pickle's payload ever runs
@@ -45,93 +38,9 @@ CELEBA_DATA = os.path.join(ROOT, "data", "celeba_256")
 
 # -- the fork server ----------------------------------------------------------------------------
 
-SERVER = r'''
-import json, os, signal, sys
-import numpy, PIL.Image, lmdb, tqdm, torch, torchvision  # the slow imports, shared by every run
-reply = os.fdopen(os.dup(1), "w")
-for line in sys.stdin:
-    request = json.loads(line)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child becomes `python SCRIPT ARGS` run in request["cwd"]
-        os.chdir(request["cwd"])
-        for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
-                                (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                                (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-            new = os.open(path, flags, 0o644)
-            os.dup2(new, fd)
-            os.close(new)
-        reply.close()
-        signal.alarm(request["timeout"])
-        sys.argv = [request["script"]] + request["args"]
-        sys.path[0] = os.path.dirname(request["script"])
-        import atexit, runpy
-        try:
-            runpy.run_path(request["script"], run_name="__main__")
-            code = 0
-        except SystemExit as e:  # as the interpreter handles it
-            code = e.code
-            if code is None:
-                code = 0
-            elif not isinstance(code, int):
-                print(code, file=sys.stderr)
-                code = 1
-        except BaseException:
-            sys.excepthook(*sys.exc_info())  # the interpreter's "Traceback (most recent call last): ..."
-            code = 1
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code & 0xFF)  # skips the ~1 s teardown of torch's modules
-    _, status = os.waitpid(pid, 0)
-    reply.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
-    reply.flush()
-'''
-
-
-def script_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT])  # as tests/conftest.py's run_script
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ in the run folders
-    env.setdefault("OMP_NUM_THREADS", "2")
-    return env
-
-
-@dataclasses.dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-class ForkServer:
-    def __init__(self):
-        self.process = subprocess.Popen([sys.executable, "-c", SERVER], env=script_env(), stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
-
-    def run(self, script, args, cwd, logs, timeout=300):
-        out, err = os.path.join(logs, "stdout.txt"), os.path.join(logs, "stderr.txt")
-        request = {"script": os.path.join(ROOT, script), "args": [str(a) for a in args], "cwd": str(cwd),
-                   "stdout": out, "stderr": err, "timeout": timeout}
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError("the fork server died")
-        with open(out) as f_out, open(err) as f_err:
-            return Result(json.loads(line), f_out.read(), f_err.read())
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server():
-    s = ForkServer()
-    yield s
-    s.close()
+    return fork_server.shared()
 
 
 # -- the run folder every case starts from -----------------------------------------------------
@@ -510,7 +419,7 @@ def test_there_are_enough_cases():
 def test_fork_server_matches_a_real_process(server, run, tmp_path):
     """The fork server reports what `python script.py ...` reports (status, stderr); and it shows tracebacks."""
     args = ["--module", "toy_u", "--checkpoint", "x.pt", "--out_file", "out.png", "--time_scale", "0"]
-    real = run("sample.py", *args, check=False)
+    real = run("sample.py", *args, check=False, fresh=True)
     forked = server.run("sample.py", args, cwd=tmp_path, logs=tmp_path)
     assert (forked.returncode, forked.stderr, forked.stdout) == (real.returncode, real.stderr, real.stdout)
     assert real.returncode == 2 and real.stderr.startswith("error:")

@@ -12,7 +12,7 @@ import samplers
 from checkpoints import checkpoint_grid
 from diffusion import (PREDICTIONS, X_ERROR_WEIGHTINGS, alpha_sigma_tables, check_betas, distillation_target,
                        grid_indices, make_beta_schedule, model_grid, output_weight, predict_start, prediction_target,
-                       q_sample, rescale_zero_terminal_snr, training_target, two_teacher_steps, x_error_weight)
+                       rescale_zero_terminal_snr, training_target, two_teacher_steps, x_error_weight)
 from train_utils import Draws, distillation_loss, imitation_loss, training_loss
 
 FAST = ["--num_workers", "0", "--device", "cpu", "--log_images", "0"]
