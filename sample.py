@@ -118,7 +118,7 @@ def main(argv=None):
         if ctx.is_main:
             images = range(args.num_images)
             with ctx.autocast():
-                picture = trajectory_grid(net, grid, image_noise(images, shape, args.seed).to(ctx.device), bgr=bgr,
+                picture = trajectory_grid(net, grid, image_noise(images, shape, args.seed, ctx.device), bgr=bgr,
                                           spec=spec, step_noise=samplers.per_image_noise(images, args.seed),
                                           extra_args=images_of(extra_args, images), progress=True,
                                           prediction=checkpoint_prediction(ckpt))

@@ -112,9 +112,10 @@ def describe(spec, grid, ckpt, model, w=None):
     return f"{spec.name}{f' ({options})' if options else ''}, {len(grid)} of {total} steps{guided}"
 
 
-def image_noise(indices, shape, seed):
-    """The starting noise of images `indices`: image i always gets the same noise, whatever the batch."""
-    return seeding.image_randn(indices, shape, seed, "start")
+def image_noise(indices, shape, seed, device="cpu"):
+    """The starting noise of images `indices` on `device`: image i always gets the same noise, whatever the batch
+    or device."""
+    return seeding.image_randn(indices, shape, seed, "start", device=device)
 
 
 def sample_batch(model, grid, spec, x, extra_args=None, noise=None, callback=None, progress=False, prediction="v"):
@@ -142,7 +143,7 @@ def generate(model, grid, spec, indices, shape, seed, extra_args=None, device="c
     out = []
     for start in range(0, len(indices), chunk_size):
         chunk = indices[start:start + chunk_size]
-        x = image_noise(chunk, shape, seed).to(device)
+        x = image_noise(chunk, shape, seed, device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         chunk_args = {key: value[start:start + len(chunk)] if _per_image(value, len(indices)) else value

@@ -159,11 +159,12 @@ def sampler_name(name):
 
 def per_image_noise(indices, seed):
     """noise(i, like) for the images `indices`: row r is image indices[r]'s standard normal noise of sampling
-    step i, a function of (seed, indices[r], i) only (seeding.image_randn(..., seed, "step", i))."""
+    step i, a function of (seed, indices[r], i) only (seeding.image_randn(..., seed, "step", i)), drawn on
+    like's device in one batched call."""
     indices = [int(i) for i in indices]
 
     def noise(i, like):
-        return seeding.image_randn(indices, like.shape[1:], seed, "step", i).to(device=like.device, dtype=like.dtype)
+        return seeding.image_randn(indices, like.shape[1:], seed, "step", i, device=like.device).to(like.dtype)
 
     return noise
 

@@ -354,7 +354,7 @@ def preview(writer, model, stage, args, ctx, step):
     """A grid of --log_images samples and their trajectory in TensorBoard; a conditional model is asked for
     class i mod K and a w-input model for its largest w, so guidance shows as it is learnt."""
     count = args.log_images
-    noise = seeding.image_randn(range(count), model.image_size[1:], args.seed, "start").to(ctx.device)
+    noise = seeding.image_randn(range(count), model.image_size[1:], args.seed, "start", device=ctx.device)
     extra_args = preview_extra_args(stage.make_extra_args, stage.conditioning, count, ctx.device)
     grid = trajectory_grid(model, stage.grid, noise, extra_args=extra_args, bgr=stage.meta.get("channel_order") == "BGR",
                            prediction=stage.meta.get("prediction", "v"))

@@ -16,8 +16,9 @@ Sections (--only, comma list; default all):
             by --iters (set-up, the final checkpoint and the loader's start cancel out)
   distill   the same for distillate.py's loop (train_utils.distillation_loss: the teacher under inference
             mode, two forwards, and the student's step); ratio to train at the same batch
-  sampler   time per step of the samplers (ancestral, and DDIM clipped as the original's) over the bare network
-            call at the same batch
+  noise     per-image noise (seeding.image_randn) against one batched randn_like of the same shape
+  sampler   time per step of every sampler through sample_utils.generate (per-image noise included) over the
+            bare network call at the same batch
   sampling  images/s of sampling at each stage (--stages, default N,8,4,1); stages too long to run within
             --max_sampling_s are extrapolated from the measured per-step time and marked as estimates
   memory    peak memory of train steps with and without --grad_checkpoint, each in a fresh subprocess
@@ -47,17 +48,19 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import samplers  # noqa: E402
+import seeding  # noqa: E402
 from cli import UserError, str2bool  # noqa: E402
 from diffusion import make_beta_schedule, model_grid  # noqa: E402
 from runtime import RunContext  # noqa: E402
+from sample_utils import SamplerSpec, generate  # noqa: E402
 from train_flags import distill_argument_parser, train_argument_parser  # noqa: E402
 from train_utils import Stage, distillation_loss, train, training_loss  # noqa: E402
 from user_modules import extra_args_fn, load_user_module, make_user_model  # noqa: E402
 
-SECTIONS = ("matmul", "flops", "train", "distill", "sampler", "sampling", "memory")
+SECTIONS = ("matmul", "flops", "train", "distill", "noise", "sampler", "sampling", "memory")
 MEMORY_TAG = "BENCH_MEMORY_RESULT "
 # Goals of the issue "Speed and scale" that these numbers check.
-CPU_GOALS = {"fwd_bwd_of_matmul": 0.85, "distill_over_train": 1.70, "sampler_overhead": 0.03}
+CPU_GOALS = {"fwd_bwd_of_matmul": 0.85, "distill_over_train": 1.70, "sampler_overhead": 0.03, "noise_over_randn": 3.0}
 GPU_GOALS = {"train_of_matmul": 0.40, "speedup_over_baseline": 3.0, "grad_checkpoint_peak": 0.5,
              "distill_over_train": 1.75}
 
@@ -80,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--num_timesteps", type=int, default=0, help="base model steps N (0: the module's BASE_NUM_STEPS or 1024)")
     p.add_argument("--matmul_sizes", default="", help="square matmul sizes (default 1024,2048 on CPU, 4096,8192 on CUDA)")
     p.add_argument("--matmul_reps", type=int, default=5, help="matmul timings; the best one counts")
-    p.add_argument("--sampler_steps", type=int, default=16, help="sampling steps per timed p_sample_loop in 'sampler'")
+    p.add_argument("--sampler_steps", type=int, default=16, help="sampling steps per timed generate call in 'sampler'")
     p.add_argument("--sampler_reps", type=int, default=0, help="timed (network, sampler) pairs in 'sampler' (0: --iters)")
     p.add_argument("--stages", default="", help="sampling steps of each stage for 'sampling' (default N,8,4,1)")
     p.add_argument("--sampling_sampler", default="ddpm", choices=["ddpm", "clipped"], help="sampler of 'sampling'")
@@ -346,8 +349,29 @@ def bench_distill(b, results):
         print(f"  peak allocated {peak / 2 ** 30:.2f} GiB")
 
 
+def bench_noise(b, results):
+    """Per-image noise (seeding.image_randn, what the samplers draw each step) against one batched randn_like of
+    the same shape on the bench's device: at the model's shape, 16x16 and 256x256 (3 channels), batch --batch_size
+    for the model's shape and as many images as hold 2^20 values otherwise."""
+    out = {}
+    shapes = {"model": b.shape, "16x16": [3, 16, 16], "256x256": [3, 256, 256]}
+    for name, shape in shapes.items():
+        batch = b.batch if name == "model" else max(1, (1 << 20) // (shape[0] * shape[1] * shape[2]))
+        like = torch.empty([batch] + shape, device=b.device)
+        indices = range(batch)
+        batched = b.timed(lambda: torch.randn_like(like))["median_s"]
+        per_image = b.timed(lambda: seeding.image_randn(indices, shape, 0, "step", 1, device=b.device))["median_s"]
+        out[name] = {"shape": shape, "batch": batch, "randn_like_s": batched, "image_randn_s": per_image,
+                     "ratio": per_image / batched}
+        print(f"  {name:8s} {batch:5d} x {'x'.join(map(str, shape)):11s} image_randn {per_image * 1e3:8.3f} ms, "
+              f"randn_like {batched * 1e3:8.3f} ms: {per_image / batched:.2f}x")
+    results["noise"] = out
+
+
 def bench_sampler(b, results):
-    """The samplers over K steps against K bare network calls, alternating, median of --sampler_reps pairs."""
+    """Each sampler through sample_utils.generate (per-image start and step noise, as sample.py and evaluate.py
+    draw them) over K steps against K bare network calls at the same batch, alternating, median of
+    --sampler_reps pairs: the samplers' own work as a fraction of the network's."""
     model, net = b.bare_model()
     k = b.args.sampler_steps
     x = torch.randn([b.batch] + b.shape, device=b.device).contiguous(memory_format=b.memory_format)
@@ -361,12 +385,13 @@ def bench_sampler(b, results):
 
     out = {"steps": k}
     grid = model_grid(make_beta_schedule("cosine", k))
-    for sampler, options in (("ddpm", {}), ("clipped", {"clip_value": 1.2})):  # the original's two samplers
-        function = samplers.sample_ancestral if sampler == "ddpm" else samplers.sample_ddim
+    for name in samplers.SAMPLERS:
+        spec = SamplerSpec(name, {"clip_value": 1.2} if name == "ddim" else {})
 
         def loop():
             with b.ctx.autocast():
-                function(net, x, grid, extra, **options)
+                generate(net, grid, spec, range(b.batch), b.shape, 0, extra, b.device, chunk_size=b.batch,
+                         channels_last=b.args.channels_last)
 
         for _ in range(b.args.warmup):
             bare()
@@ -376,9 +401,9 @@ def bench_sampler(b, results):
             t_bare.append(b.timed(bare, iters=1, warmup=0)["median_s"])
             t_loop.append(b.timed(loop, iters=1, warmup=0)["median_s"])
         net_s, step_s = statistics.median(t_bare) / k, statistics.median(t_loop) / k
-        out[sampler] = {"network_s_per_step": net_s, "sampler_s_per_step": step_s, "overhead": step_s / net_s - 1}
-        print(f"  {sampler:8s} {step_s * 1e3:9.3f} ms/step vs bare network {net_s * 1e3:9.3f} ms: "
-              f"overhead {out[sampler]['overhead']:+.2%}")
+        out[name] = {"network_s_per_step": net_s, "sampler_s_per_step": step_s, "overhead": step_s / net_s - 1}
+        print(f"  {name:10s} {step_s * 1e3:9.3f} ms/step vs bare network {net_s * 1e3:9.3f} ms: "
+              f"overhead {out[name]['overhead']:+.2%}")
     results["sampler"] = out
 
 
@@ -528,9 +553,13 @@ def goal_checks(b, results, baseline):
                 CPU_GOALS["fwd_bwd_of_matmul"], True)
         if "over_train" in results.get("distill", {}):
             add("distillation / training iteration <= 1.70", results["distill"]["over_train"], CPU_GOALS["distill_over_train"], False)
-        for sampler in ("ddpm", "clipped"):
+        for sampler in samplers.SAMPLERS:
             if sampler in results.get("sampler", {}):
-                add(f"{sampler} sampler overhead <= 3%", results["sampler"][sampler]["overhead"], CPU_GOALS["sampler_overhead"], False)
+                add(f"{sampler} sampler overhead through generate <= 3%", results["sampler"][sampler]["overhead"],
+                    CPU_GOALS["sampler_overhead"], False)
+        for name, row in results.get("noise", {}).items():
+            if isinstance(row, dict):  # one per shape; beside them the section's wall time
+                add(f"per-image noise / randn_like at {name} <= 3", row["ratio"], CPU_GOALS["noise_over_randn"], False)
     else:
         if "of_matmul" in results.get("train", {}):
             add(f"training step / {str(b.compute_dtype())[6:]} matmul rate >= 0.40", results["train"]["of_matmul"],
@@ -585,7 +614,7 @@ def main(argv=None):
           f"{args.channels_last}, compile {args.compile}; median of {args.iters} after {args.warmup} warm-up")
     results = {}
     functions = {"matmul": bench_matmul, "flops": bench_flops, "train": bench_train, "distill": bench_distill,
-                 "sampler": bench_sampler, "sampling": bench_sampling, "memory": bench_memory}
+                 "noise": bench_noise, "sampler": bench_sampler, "sampling": bench_sampling, "memory": bench_memory}
     for section in SECTIONS:
         if section in only:
             print(f"[{section}]")
