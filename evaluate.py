@@ -14,9 +14,12 @@ Rows, each from the same noise (image i's start and step noise from --seed and i
 - the floor: --num_images real images, disjoint from the reference images, measured like a row (its paired
   measures pair real image i with real image i+1: the level of unrelated images).
 Measures (metrics.py, fid.py), all in one feature space (the user module's make_feature_extractor(), or
-Inception for RGB data): FID +- bootstrap standard deviation (the row's images resampled), KID +- standard
-deviation over subsets, density and coverage (k = 5), and, paired with the reference sample of the same
-noise, pixel RMSE and feature distance +- standard error (over the first --num_paired images). The real
+Inception for RGB data): FID +- bootstrap standard deviation (the row's images and the reference images
+resampled), KID +- standard deviation over subsets drawn from both, density and coverage (k = 5), and,
+paired with the reference sample of the same noise, pixel RMSE and feature distance +- standard error (over
+the first --num_paired images). Every row meets the same resamples, so its FID and KID minus the reference
+row's come with a paired error bar (the spread of the difference over the shared resamples), as does the
+headline's NFE to match a distilled stage. The real
 images - make_test_dataset(), or the last --held_out images of make_dataset(), as the reference; the
 floor images from the rest of make_dataset() - are read in batches and the samples generated in chunks:
 only their features (and the first --num_paired images) are kept. Images enter the features in the
@@ -267,17 +270,17 @@ def read_real(dataset, features, data_order, args, classifier=None):
         kept.append(images[:max(room, 0)])
         parts.append(features(images))
         if classifier is not None and labelled:
-            correct, count = correct + classifier.correct(images, batch[1], features.order), count + len(images)
+            correct, count = correct + int(classifier.correct(images, batch[1], features.order).sum()), count + len(images)
     return torch.cat(parts), torch.cat(kept), (correct / count if count else None)
 
 
 @torch.no_grad()
 def read_samples(net, grid, spec, model, ckpt, features, args, conditioning, device, classifier=None):
-    """(features [N, D] of a row's --num_images samples, its first n_paired(args) samples, and the fraction of
-    samples the classifier assigns their requested labels, or None), generated chunk by chunk in the feature
+    """(features [N, D] of a row's --num_images samples, its first n_paired(args) samples, and per sample whether
+    the classifier assigns it its requested label [N], or None), generated chunk by chunk in the feature
     space's channel order (image i from (seed, i) only, so chunking changes nothing). conditioning: indices ->
     the network's extra_args (conditioning_for)."""
-    parts, kept, correct = [], [], 0
+    parts, kept, hits = [], [], []
     for start in range(0, args.num_images, args.chunk_size):
         indices = range(start, min(start + args.chunk_size, args.num_images))
         extra_args = conditioning(indices)
@@ -288,9 +291,8 @@ def read_samples(net, grid, spec, model, ckpt, features, args, conditioning, dev
         kept.append(images[:max(n_paired(args) - start, 0)])
         parts.append(features(images))
         if classifier is not None and "y" in extra_args:
-            correct += classifier.correct(images, extra_args["y"].cpu(), features.order)
-    accuracy = correct / args.num_images if classifier is not None else None
-    return torch.cat(parts), torch.cat(kept), accuracy
+            hits.append(classifier.correct(images, extra_args["y"].cpu(), features.order))
+    return torch.cat(parts), torch.cat(kept), torch.cat(hits) if hits else None
 
 
 def n_paired(args):
@@ -305,17 +307,32 @@ class Measures:
         self.radii = metrics.kth_neighbour_distances(reference, KNN)
 
     def __call__(self, features, pixel_rmse, feature_distance):
-        """A row's measures from its features [N, D] and the per-image paired values [n_paired]."""
+        """A row's measures from its features [N, D] and the per-image paired values [n_paired]; beside the
+        columns, the draws behind its error bars (fid_draws, kid_draws, the per-image pixel_rmse), which depend
+        only on (seed, N, reference size): rows of one evaluation compared draw by draw are paired."""
         args = self.args
-        kid, kid_sd = metrics.kid(features, self.reference, args.kid_subset_size, args.kid_subsets, args.seed)
+        kid, kid_sd, kid_draws = metrics.kid(features, self.reference, args.kid_subset_size, args.kid_subsets, args.seed)
+        fid_draws = metrics.bootstrap_draws(fid.fid_from_features, features, self.reference, args.fid_bootstrap, args.seed)
         density, coverage = metrics.density_coverage(self.reference, features, KNN, radii=self.radii)
         rmse, rmse_se = metrics.mean_and_standard_error(pixel_rmse)
         distance, distance_se = metrics.mean_and_standard_error(feature_distance)
-        return dict(fid=fid.fid_from_features(features, self.reference),
-                    fid_sd=metrics.bootstrap_std(fid.fid_from_features, features, self.reference, args.fid_bootstrap, args.seed),
+        return dict(fid=fid.fid_from_features(features, self.reference), fid_sd=metrics.spread(fid_draws),
                     kid=kid, kid_sd=kid_sd, density=density, coverage=coverage, paired_rmse=rmse,
                     paired_rmse_se=rmse_se, paired_feature_distance=distance, paired_feature_distance_se=distance_se,
-                    n_samples=features.shape[0], n_reference=self.reference.shape[0], n_paired=pixel_rmse.shape[0])
+                    n_samples=features.shape[0], n_reference=self.reference.shape[0], n_paired=pixel_rmse.shape[0],
+                    fid_draws=fid_draws, kid_draws=kid_draws, pixel_rmse=metrics._as_float64(pixel_rmse))
+
+
+def paired_columns(row, reference):
+    """FID and KID of a row minus those of its reference row (the all-steps DDIM of the same noise and w), each
+    ± the standard deviation of the difference over the shared resamples (the paired bootstrap); with a
+    classifier, the accuracy minus the reference's ± the standard error of the per-image difference."""
+    accuracy = {}
+    if row.get("hits") is not None and reference.get("hits") is not None:
+        diff, diff_se = metrics.mean_and_standard_error(row["hits"].double() - reference["hits"].double())
+        accuracy = dict(accuracy_diff=diff, accuracy_diff_se=diff_se)
+    return dict(**accuracy, fid_diff=row["fid"] - reference["fid"], fid_diff_sd=metrics.paired_std(row["fid_draws"], reference["fid_draws"]),
+                kid_diff=row["kid"] - reference["kid"], kid_diff_sd=metrics.paired_std(row["kid_draws"], reference["kid_draws"]))
 
 
 @main_guard
@@ -340,7 +357,7 @@ def main(argv=None):
     floor_features, floor_images, floor_accuracy = read_real(floor_set, features, data_order, args, classifier)
     paired_features = floor_features[:n_paired(args)]  # real image i against real image i+1: unrelated pairs
     floor = dict(model="floor", steps="", sampler="real", nfe="", w="", seconds="", checkpoint="",
-                 **accuracy_columns(floor_accuracy, len(floor_set)),
+                 fid_diff="", fid_diff_sd="", kid_diff="", kid_diff_sd="", **accuracy_columns(floor_accuracy, len(floor_set)),
                  **measures(floor_features, metrics.paired_rmse(floor_images, floor_images.roll(-1, 0)),
                               metrics.paired_distances(paired_features, paired_features.roll(-1, 0))))
     print(f"floor (real vs real): FID {floor['fid']:.3f}")
@@ -360,7 +377,7 @@ def accuracy_columns(accuracy, n):
 
 def sample_rows(plan, module, info, features, classifier, measures, writer, args, device):
     """One row per entry of the plan; each guidance weight's reference (the first entry of its part) first."""
-    rows, current, references = [], None, {}
+    rows, current, references, reference_rows = [], None, {}, {}
     for path, model_kind, spec, w in plan:
         if current is None or current[0] != path:
             model, ckpt = load_model_from_checkpoint(module, path, device)
@@ -372,14 +389,17 @@ def sample_rows(plan, module, info, features, classifier, measures, writer, args
         started = time.perf_counter()
         torch.manual_seed(args.seed)
         conditioning = conditioning_for(module, info[path][2], w, device)
-        sample_features, samples, accuracy = read_samples(net, grid, spec, model, ckpt, features, args, conditioning,
-                                                          device, classifier)
+        sample_features, samples, hits = read_samples(net, grid, spec, model, ckpt, features, args, conditioning,
+                                                      device, classifier)
+        accuracy = None if hits is None else float(hits.double().mean())
         paired_features = sample_features[:n_paired(args)]
         reference = references.setdefault(w, (samples, paired_features))
         row = dict(model=model_kind, steps=int(ckpt["n_timesteps"]), sampler=spec.name, nfe=nfe(grid, net, w),
                    w="" if w is None else w, checkpoint=path, **accuracy_columns(accuracy, args.num_images),
                    **measures(sample_features, metrics.paired_rmse(samples, reference[0]),
                                 metrics.paired_distances(paired_features, reference[1])))
+        row["hits"] = hits
+        row.update(paired_columns(row, reference_rows.setdefault(w, row)))
         row["seconds"] = round(time.perf_counter() - started, 2)
         rows.append(row)
         guided = "" if w is None else f"w {w:g}, " + (f"accuracy {accuracy:.3f}, " if accuracy is not None else "")

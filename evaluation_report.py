@@ -14,7 +14,7 @@ from metrics import KNN
 from samplers import LABELS
 
 COLUMNS = ["model", "steps", "sampler", "nfe", "w", "accuracy", "accuracy_se", "n_samples", "n_reference", "n_paired", "fid", "fid_sd", "kid", "kid_sd",
-           "density", "coverage", "paired_rmse", "paired_rmse_se", "paired_feature_distance",
+           "fid_diff", "fid_diff_sd", "kid_diff", "kid_diff_sd", "density", "coverage", "paired_rmse", "paired_rmse_se", "paired_feature_distance",
            "paired_feature_distance_se", "seconds", "checkpoint"]
 # (column, error column, axis label, y scale) of each panel of OUT.png
 PANELS = [("fid", "fid_sd", "FID", "log"), ("kid", "kid_sd", "KID", "symlog"),
@@ -25,10 +25,12 @@ PANELS = [("fid", "fid_sd", "FID", "log"), ("kid", "kid_sd", "KID", "symlog"),
 
 # -- the headline ----------------------------------------------------------------------------------
 
-def headline(rows, match_steps):
+def headline(rows, match_steps, n_draws=50, seed=0):
     """Lines of OUT.md: the NFE at which each training-free sampler of the base model reaches the FID and
     the paired RMSE of the distilled `match_steps`-step model (deterministic DDIM), interpolated in log
-    NFE (metrics.nfe_to_reach), with the range over that value's error bar, and the speed-up NFE/match_steps."""
+    NFE (metrics.nfe_to_reach), and the speed-up NFE/match_steps, each with its paired bootstrap range: the
+    crossing found again in every resample that all rows share (FID: the rows' fid_draws; RMSE: the means of
+    their per-image RMSE over `n_draws` resamples of the images, seeded by `seed`), its 16th to 84th percentile."""
     targets = [r for r in rows if r["model"] == "distilled" and r["steps"] == match_steps]
     if not targets:
         return [f"No distilled {match_steps}-step stage among --checkpoints: no headline (see --match_steps)."]
@@ -36,29 +38,34 @@ def headline(rows, match_steps):
     lines = [f"NFE each training-free sampler of the base model needs to match the distilled {match_steps}-step model "
              f"({LABELS[target['sampler']]}): FID {target['fid']:.3f} ± {target['fid_sd']:.3f}, paired RMSE "
              f"{target['paired_rmse']:.4f} ± {target['paired_rmse_se']:.4f}. The NFE at which the sampler's curve reaches "
-             "that value, interpolated linearly in log NFE; in brackets where it reaches the upper and lower end of "
-             "the value's error bar (FID: bootstrap standard deviation; RMSE: standard error); speed-up = NFE / "
-             f"{match_steps}; > and ≤: beyond the measured NFE. DDIM's paired curve ends at the reference itself "
-             "(RMSE 0 at all steps).", "",
+             "that value, interpolated linearly in log NFE; in brackets the 16th–84th percentile of the same crossing "
+             "in each paired bootstrap resample (every row and the target resampled with the same image indices); "
+             f"speed-up = NFE / {match_steps}; > and ≤: beyond the measured NFE. DDIM's paired curve ends at the "
+             "reference itself (RMSE 0 at all steps).", "",
              "| sampler | NFE to match FID | speed-up | NFE to match paired RMSE | speed-up |", "|---|---:|---:|---:|---:|"]
+    rmse_draws = {id(r): metrics.bootstrap_means(r["pixel_rmse"], n_draws, seed) for r in rows[1:]}
     base_samplers = list(dict.fromkeys(r["sampler"] for r in rows if r["model"] == "base"))
     for name in base_samplers:
+        curve_rows = [r for r in rows if r["model"] == "base" and r["sampler"] == name]
         cells = []
-        for column, error in (("fid", "fid_sd"), ("paired_rmse", "paired_rmse_se")):
-            curve = [(r["nfe"], r[column]) for r in rows if r["model"] == "base" and r["sampler"] == name]
-            reach = [metrics.nfe_to_reach(curve, target[column] + sign * target[error]) for sign in (0, 1, -1)]
-            cells += [_nfe_text(reach, 1), _nfe_text(reach, match_steps, suffix="×")]
+        for column, draws_of in (("fid", lambda r: r["fid_draws"]), ("paired_rmse", lambda r: rmse_draws[id(r)])):
+            reach = metrics.nfe_to_reach([(r["nfe"], r[column]) for r in curve_rows], target[column])
+            resampled = [metrics.nfe_to_reach([(r["nfe"], float(draws_of(r)[d])) for r in curve_rows],
+                                              float(draws_of(target)[d])) for d in range(len(draws_of(target)))]
+            cells += [_nfe_text(reach, resampled, 1), _nfe_text(reach, resampled, match_steps, suffix="×")]
         lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _nfe_text(reach, divisor, suffix=""):
-    """'9.5 (8.7–10.4)' from [(nfe, relation)] at the value, its upper end and its lower end."""
+def _nfe_text(reach, resampled, divisor, suffix=""):
+    """'9.5 (8.7–10.4)' from the crossing (nfe, relation) and the 16th and 84th percentile of its resamples."""
     def one(nfe, relation):
         sign = {"=": "", "<=": "≤", ">": ">"}[relation]
         return f"{sign}{nfe / divisor:.3g}{suffix}"
-    value, upper, lower = (one(*r) for r in reach)
-    return value if value == upper == lower else f"{value} ({upper}–{lower})"
+    order = {"<=": 0, "=": 1, ">": 2}  # at one NFE, "≤ n" ranks below a crossing at n and "> n" above it
+    low, high = metrics.quantiles([(nfe, order[relation], relation) for nfe, relation in resampled])
+    value, low, high = one(*reach), one(low[0], low[2]), one(high[0], high[2])
+    return value if value == low == high else f"{value} ({low}–{high})"
 
 
 # -- outputs ---------------------------------------------------------------------------------------
@@ -101,6 +108,26 @@ def _pm(row, column, error, digits):
     return f"{row[column]:.{digits}f} ± {row[error]:.{digits}f}"
 
 
+def _diff(row, column, digits=None):
+    """'+0.412 ± 0.051': a row's measure minus its reference row's, ± the paired bootstrap spread, to `digits`
+    decimals (None: three significant digits and two for the spread, as KID is shown); '' for the floor."""
+    if row[column + "_diff"] == "":
+        return ""
+    if digits is None:
+        return f"{row[column + '_diff']:+.3g} ± {row[column + '_diff_sd']:.2g}"
+    return f"{row[column + '_diff']:+.{digits}f} ± {row[column + '_diff_sd']:.{digits}f}"
+
+
+def _error_bars(args, floor):
+    """The sentence on FID's and KID's error bars (both sets resampled, the same resamples for every row)."""
+    size = min(args.kid_subset_size, args.num_images, floor["n_reference"])
+    return (f"FID ± the standard deviation over {args.fid_bootstrap} bootstrap resamples of the row's images and of "
+            f"the reference images; KID ± the standard deviation over {args.kid_subsets} subsets of {size} images "
+            "drawn with replacement from both; every row meets the same resamples and subsets, so a row's FID and KID "
+            "minus its reference row's come ± the spread of that difference over them (the paired bootstrap: the "
+            f"noise the rows share cancels); density and coverage with k = {KNN};")
+
+
 def _threads():
     n = torch.get_num_threads()
     return f"{n} thread{'s' if n > 1 else ''}"
@@ -112,10 +139,11 @@ def markdown(rows, args, elapsed, device):
              f"{args.num_images} samples per row, seed {args.seed}, {args.step_schedule}-uniform steps below "
              f"all steps. Evaluated in {elapsed[0] / 60:.1f} minutes (wall clock; {elapsed[1] / 60:.1f} minutes of CPU time) "
              f"on {device} ({_threads()}).", "",
-             "## Headline", ""] + headline(rows, args.match_steps) + [
+             "## Headline", ""] + headline(rows, args.match_steps, args.fid_bootstrap, args.seed) + [
              "", "## All rows", "",
-             "| model | sampler | NFE | FID | KID | density | coverage | paired RMSE | paired feature distance |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | sampler | NFE | FID | FID − reference | KID | KID − reference | density | coverage | "
+             "paired RMSE | paired feature distance |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         steps = f"{r['steps']} step{'s' if r['steps'] != 1 else ''}"
         model = ("floor: real vs real" if r["model"] == "floor" else
@@ -123,13 +151,11 @@ def markdown(rows, args, elapsed, device):
                  f"re-parameterised base ({steps})" if r["model"] == "reparameterised" else f"distilled, {steps}")
         reference = r is rows[1]
         lines.append(f"| {model} | {LABELS.get(r['sampler'], r['sampler'])}{' (reference)' if reference else ''} | "
-                     f"{r['nfe']} | {_pm(r, 'fid', 'fid_sd', 3)} | {r['kid']:.4g} ± {r['kid_sd']:.2g} | "
-                     f"{r['density']:.3f} | {r['coverage']:.3f} | {_pm(r, 'paired_rmse', 'paired_rmse_se', 4)} | "
+                     f"{r['nfe']} | {_pm(r, 'fid', 'fid_sd', 3)} | {_diff(r, 'fid', 3)} | {r['kid']:.4g} ± {r['kid_sd']:.2g} | "
+                     f"{_diff(r, 'kid')} | {r['density']:.3f} | {r['coverage']:.3f} | "
+                     f"{_pm(r, 'paired_rmse', 'paired_rmse_se', 4)} | "
                      f"{_pm(r, 'paired_feature_distance', 'paired_feature_distance_se', 3)} |")
-    lines += ["", f"FID ± the standard deviation over {args.fid_bootstrap} bootstrap resamples of the row's images (the "
-              "reference images, which every row meets, fixed); KID ± the standard "
-              f"deviation over {args.kid_subsets} subsets of {min(args.kid_subset_size, args.num_images, floor['n_reference'])} "
-              f"images; density and coverage with k = {KNN}; paired measures ± their standard error over the first "
+    lines += ["", _error_bars(args, floor) + " paired measures ± their standard error over the first "
               f"{floor['n_paired']} images, each sample against the base model's all-steps DDIM sample from the same "
               "noise (the reference row, 0 by definition). The floor compares "
               f"{floor['n_samples']} real images, disjoint from the reference images, with them, as the rows compare "
@@ -212,7 +238,7 @@ def guided_headline(rows, match_steps):
              f"its {match_steps}-step student is the distilled {match_steps}-step model (--match_steps); the last "
              f"column is the training-free sampler of the CFG teacher closest to it (lowest paired RMSE) at "
              f"{2 * match_steps} network calls ({match_steps} guided steps).", "",
-             "| w | CFG teacher | w-input model | distilled, " + f"{match_steps} steps | Δ accuracy (points) | KID ratio "
+             "| w | CFG teacher | w-input model | distilled, " + f"{match_steps} steps | Δ accuracy (points) | Δ KID "
              "| smallest distilled | best training-free CFG |", "|---:|---|---|---|---:|---:|---|---|"]
     for w in weights:
         at_w = [r for r in rows[1:] if r["w"] == w]
@@ -231,13 +257,14 @@ def guided_headline(rows, match_steps):
             rmse = "" if r is teacher else f", RMSE {r['paired_rmse']:.3f}"
             return (f"{LABELS[r['sampler']]}: " if name else "") + (
                 f"{_acc(r)}, KID {r['kid']:.3g} ± {r['kid_sd']:.2g}{rmse} (NFE {r['nfe']})")
-        gap = (f"{100 * (student['accuracy'] - teacher['accuracy']):+.1f}"
-               if student is not None and student["accuracy"] != "" else "–")
-        ratio = f"{student['kid'] / teacher['kid']:.2f}" if student is not None and teacher["kid"] > 0 else "–"
-        lines.append(f"| {w:g} | {cell(teacher)} | {cell(w_input)} | {cell(student)} | {gap} | {ratio} | "
+        gap = (f"{100 * student['accuracy_diff']:+.1f} ± {100 * student['accuracy_diff_se']:.1f}"
+               if student is not None and "accuracy_diff" in student else "–")
+        kid_gap = _diff(student, "kid") if student is not None else "–"
+        lines.append(f"| {w:g} | {cell(teacher)} | {cell(w_input)} | {cell(student)} | {gap} | {kid_gap} | "
                      f"{cell(smallest)} | {cell(best, name=True)} |")
-    lines += ["", f"Δ accuracy: the distilled {match_steps}-step model's minus the CFG teacher's; KID ratio: its KID over "
-              "the teacher's (only where the teacher's KID is above 0; near 0 compare the error bars). KID measures the "
+    lines += ["", f"Δ accuracy: the distilled {match_steps}-step model's minus the CFG teacher's, ± the standard error of "
+              "the per-image difference (both rows classify the images of the same noise and label); Δ KID: its KID "
+              "minus the teacher's, ± the spread of that difference over the shared subsets. KID measures the "
               "distance to the real images, not to the guided teacher: a sampler that guides less than asked moves "
               "towards the data at large w and gains KID; the paired RMSE measures the distance to the teacher."]
     return lines
@@ -265,8 +292,8 @@ def guided_markdown(rows, args, elapsed, device, reference_accuracy):
     for name, by_w in curves.items():
         lines.append(f"| {name} | " + " | ".join(_acc_kid(by_w[w]) if w in by_w else "–" for w in weights) + " |")
     lines += ["", "## All rows", "",
-              "| model | sampler | NFE | w | accuracy (%) | FID | KID | density | coverage | paired RMSE | "
-              "paired feature distance |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| model | sampler | NFE | w | accuracy (%) | FID | FID − reference | KID | KID − reference | density | "
+              "coverage | paired RMSE | paired feature distance |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     references = _references(rows)
     for r in rows:
         steps = f"{r['steps']} step{'s' if r['steps'] != 1 else ''}"
@@ -275,13 +302,11 @@ def guided_markdown(rows, args, elapsed, device, reference_accuracy):
         w = "" if r["w"] == "" else f"{r['w']:g}"
         reference = id(r) in references
         lines.append(f"| {model} | {LABELS.get(r['sampler'], r['sampler'])}{' (reference)' if reference else ''} | "
-                     f"{r['nfe']} | {w} | {_acc(r)} | {_pm(r, 'fid', 'fid_sd', 3)} | {r['kid']:.4g} ± {r['kid_sd']:.2g} | "
+                     f"{r['nfe']} | {w} | {_acc(r)} | {_pm(r, 'fid', 'fid_sd', 3)} | {_diff(r, 'fid', 3)} | "
+                     f"{r['kid']:.4g} ± {r['kid_sd']:.2g} | {_diff(r, 'kid')} | "
                      f"{r['density']:.3f} | {r['coverage']:.3f} | {_pm(r, 'paired_rmse', 'paired_rmse_se', 4)} | "
                      f"{_pm(r, 'paired_feature_distance', 'paired_feature_distance_se', 3)} |")
-    lines += ["", f"FID ± the standard deviation over {args.fid_bootstrap} bootstrap resamples of the row's images; KID ± "
-              f"the standard deviation over {args.kid_subsets} subsets of "
-              f"{min(args.kid_subset_size, args.num_images, floor['n_reference'])} images; density and coverage with "
-              f"k = {KNN}; paired measures ± their standard error over the first {floor['n_paired']} images, each "
+    lines += ["", _error_bars(args, floor) + f" paired measures ± their standard error over the first {floor['n_paired']} images, each "
               "sample against the CFG teacher's all-steps DDIM sample of the same noise, label and w (the reference "
               f"row of that w). The floor compares {floor['n_samples']} real images, disjoint from the reference "
               "images, with them (its accuracy: the classifier on those images and their own labels); its paired "

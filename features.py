@@ -47,6 +47,7 @@ class Classifier:
 
     @torch.no_grad()
     def correct(self, images, labels, order):
+        """Per image, whether the classifier assigns it its label (a bool tensor [N])."""
         images = to_channel_order(images, order, self.data_order)  # the classifier sees images as the data stores them
         predicted = torch.cat([self.net(chunk.to(self.device)).argmax(1).cpu() for chunk in images.split(self.batch_size)])
-        return int((predicted == torch.as_tensor(labels).long()).sum())
+        return predicted == torch.as_tensor(labels).long()

@@ -2,8 +2,8 @@
 
 - KID (Bińkowski et al., "Demystifying MMD GANs", ICLR 2018): the unbiased estimate of the squared
   maximum mean discrepancy (Gretton et al., "A Kernel Two-Sample Test", JMLR 2012, Lemma 6) with the
-  cubic polynomial kernel k(a, b) = (a.b/d + 1)^3, averaged over random subsets; its standard
-  deviation over the subsets is the error bar.
+  cubic polynomial kernel k(a, b) = (a.b/d + 1)^3, averaged over random subsets drawn from both sets;
+  its standard deviation over the subsets is the error bar.
 - Density and coverage (Naeem et al., "Reliable Fidelity and Diversity Metrics for Generative
   Models", ICML 2020, Sec. 3): balls around each real feature reaching its k-th nearest real
   neighbour; density counts how many balls each sample falls in (divided by k), coverage the share of
@@ -11,8 +11,9 @@
   E[coverage] = 1 - prod_{j=1..k} (N - j)/(N + M - j) (their Lemma 2), about 1 - 2^-k for M = N.
 - Paired agreement: per-item distances between two aligned sets (a sample and the reference sample
   drawn from the same noise), reported as mean and standard error.
-- Error bars of a statistic of a set against a fixed reference by the bootstrap, and the NFE at which a
-  curve reaches a target.
+- Error bars by the bootstrap, both sets resampled; the resamples depend only on the seed and the set sizes,
+  so the difference between two rows generated from the same noise has a paired error bar; and the NFE at
+  which a curve reaches a target.
 """
 import math
 
@@ -34,30 +35,42 @@ def polynomial_kernel(a, b):
     return (a @ b.T / a.shape[1] + 1) ** 3
 
 
-def mmd2_unbiased(a, b):
+def mmd2_unbiased(a, b, a_ids=None, b_ids=None):
     """Unbiased MMD^2 between the rows of a [m, D] and b [n, D] (Gretton et al. 2012, Lemma 6):
-    sum_{i!=j} k(a_i, a_j)/(m(m-1)) + sum_{i!=j} k(b_i, b_j)/(n(n-1)) - 2 sum_{i,j} k(a_i, b_j)/(mn)."""
+    sum_{i!=j} k(a_i, a_j)/(m(m-1)) + sum_{i!=j} k(b_i, b_j)/(n(n-1)) - 2 sum_{i,j} k(a_i, b_j)/(mn).
+    a_ids, b_ids: where the rows are a resample with repeats, the original row of each: the within-set sums
+    then run over the pairs of distinct original rows only (a repeated row paired with itself is no sample of
+    k(x, x') for independent x, x')."""
     a, b = _as_float64(a), _as_float64(b)
     m, n = a.shape[0], b.shape[0]
     if m < 2 or n < 2:
         raise ValueError(f"MMD^2 needs at least 2 rows in each set, got {m} and {n}")
-    k_aa, k_bb = polynomial_kernel(a, a), polynomial_kernel(b, b)
-    within_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))
-    within_b = (k_bb.sum() - k_bb.diagonal().sum()) / (n * (n - 1))
-    return float(within_a + within_b - 2 * polynomial_kernel(a, b).mean())
+
+    def within(x, ids):
+        k = polynomial_kernel(x, x)
+        if ids is None:
+            return (k.sum() - k.diagonal().sum()) / (len(x) * (len(x) - 1))
+        distinct = ids[:, None] != ids[None, :]
+        return (k * distinct).sum() / distinct.sum()
+
+    return float(within(a, a_ids) + within(b, b_ids) - 2 * polynomial_kernel(a, b).mean())
 
 
 def kid(a, b, subset_size=1000, n_subsets=100, seed=0):
-    """KID between feature sets a [N, D] and b [M, D]: (mean, standard deviation) of the unbiased MMD^2
-    over `n_subsets` random subsets of min(subset_size, N, M) rows of each set, drawn without
-    replacement and seeded by `seed`."""
+    """KID between feature sets a [N, D] and b [M, D]: (mean, standard deviation, the values [n_subsets]) of
+    the unbiased MMD^2 over `n_subsets` subsets of min(subset_size, N, M) rows of each set, drawn with
+    replacement from both sets (so that both vary however large the subset), repeated rows excluded from
+    the within-set pairs. The draws depend only on (seed, N, M): sets of one evaluation meet the same
+    subsets, and their values compared subset by subset are paired (paired_std)."""
     a, b = _as_float64(a), _as_float64(b)
     size = min(subset_size, a.shape[0], b.shape[0])
-    g = seeding.generator(seed, "kid-subsets")
-    values = torch.tensor([mmd2_unbiased(a[torch.randperm(a.shape[0], generator=g)[:size]],
-                                         b[torch.randperm(b.shape[0], generator=g)[:size]])
-                           for _ in range(n_subsets)], dtype=torch.float64)
-    return float(values.mean()), float(values.std()) if n_subsets > 1 else 0.0
+    g = seeding.generator(seed, "kid-subsets", a.shape[0], b.shape[0])
+    values = []
+    for _ in range(n_subsets):
+        i, j = torch.randint(a.shape[0], (size,), generator=g), torch.randint(b.shape[0], (size,), generator=g)
+        values.append(mmd2_unbiased(a[i], b[j], i, j))
+    values = torch.tensor(values, dtype=torch.float64)
+    return float(values.mean()), float(values.std()) if n_subsets > 1 else 0.0, values
 
 
 # -- density and coverage ----------------------------------------------------------------------
@@ -120,15 +133,44 @@ def mean_and_standard_error(values):
 
 # -- error bars and curves -----------------------------------------------------------------------
 
-def bootstrap_std(statistic, a, b, n_draws=50, seed=0):
-    """Standard deviation of statistic(a*, b) over `n_draws` bootstrap resamples a* of the rows of a [N, D]
-    (N rows drawn with replacement; Efron & Tibshirani 1993, Sec. 6.2). b, the reference that every
-    compared set meets, stays fixed: the error bar of a comparison between sets measured against one reference."""
+def bootstrap_draws(statistic, a, b, n_draws=50, seed=0):
+    """statistic(a*, b*) over `n_draws` bootstrap resamples [n_draws] (Efron & Tibshirani 1993, Sec. 6.2): a* the
+    N rows of a [N, D] drawn with replacement, b* likewise from b [M, D]. The draws depend only on (seed, N, M),
+    so every set of one evaluation meets the same resamples: row i of two sets generated from the same noise
+    stays paired, and the spread of their difference draw by draw (paired_std) is the paired bootstrap."""
     a, b = _as_float64(a), _as_float64(b)
-    g = seeding.generator(seed, "bootstrap")
-    draws = torch.tensor([statistic(a[torch.randint(a.shape[0], (a.shape[0],), generator=g)], b)
-                          for _ in range(n_draws)], dtype=torch.float64)
-    return float(draws.std()) if n_draws > 1 else 0.0
+    g = seeding.generator(seed, "bootstrap", a.shape[0], b.shape[0])
+    draws = []
+    for _ in range(n_draws):
+        i, j = torch.randint(a.shape[0], (a.shape[0],), generator=g), torch.randint(b.shape[0], (b.shape[0],), generator=g)
+        draws.append(statistic(a[i], b[j]))
+    return torch.tensor(draws, dtype=torch.float64)
+
+
+def bootstrap_means(values, n_draws=50, seed=0):
+    """The mean of `values` [N] over `n_draws` bootstrap resamples of its N items [n_draws]; the draws depend only
+    on (seed, N), so per-item values of two sets over the same items (paired RMSE to one reference) stay paired."""
+    values = _as_float64(values).flatten()
+    g = seeding.generator(seed, "bootstrap-means", values.numel())
+    return torch.stack([values[torch.randint(values.numel(), (values.numel(),), generator=g)].mean()
+                        for _ in range(n_draws)])
+
+
+def spread(draws):
+    """The standard deviation of a statistic's draws [n] (0 for a single draw)."""
+    draws = _as_float64(draws)
+    return float(draws.std()) if draws.numel() > 1 else 0.0
+
+
+def paired_std(draws, reference_draws):
+    """The standard deviation of statistic - reference statistic over paired draws (the same resamples)."""
+    return spread(_as_float64(draws) - _as_float64(reference_draws))
+
+
+def quantiles(values, probabilities=(0.16, 0.84)):
+    """Empirical quantiles of a list of numbers (the nearest-rank rule on the sorted values; inf allowed)."""
+    ordered = sorted(values)
+    return [ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))] for p in probabilities]
 
 
 def nfe_to_reach(curve, target):

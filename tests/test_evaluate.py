@@ -11,6 +11,7 @@ import torch
 import demo
 import digits_u
 import fid
+import metrics
 import seeding
 import toy_u
 from conftest import REFERENCE, ROOT, run_script
@@ -18,7 +19,7 @@ from conftest import REFERENCE, ROOT, run_script
 FAST = ["--num_workers", 0, "--device", "cpu"]
 SMALL = ["--kid_subsets", 4, "--fid_bootstrap", 4, "--device", "cpu"]  # cheap error bars for tiny runs
 COLUMNS = ["model", "steps", "sampler", "nfe", "w", "accuracy", "accuracy_se", "n_samples", "n_reference", "n_paired", "fid", "fid_sd", "kid", "kid_sd",
-           "density", "coverage", "paired_rmse", "paired_rmse_se", "paired_feature_distance",
+           "fid_diff", "fid_diff_sd", "kid_diff", "kid_diff_sd", "density", "coverage", "paired_rmse", "paired_rmse_se", "paired_feature_distance",
            "paired_feature_distance_se", "seconds", "checkpoint"]
 MEASURES = ["fid", "fid_sd", "kid", "kid_sd", "density", "coverage", "paired_rmse", "paired_rmse_se",
             "paired_feature_distance", "paired_feature_distance_se"]
@@ -93,6 +94,13 @@ def test_evaluate_writes_every_measure_against_nfe(chain):
     assert float(distilled_4["paired_rmse_se"]) == pytest.approx(rmse.std(ddof=1) / math.sqrt(N_IMAGES), rel=1e-4)
     distance = np.linalg.norm(digits_features(four) - digits_features(reference), axis=1)
     assert float(distilled_4["paired_feature_distance"]) == pytest.approx(distance.mean(), rel=1e-5)
+    # FID and KID minus the reference row's, with the paired spread over the resamples both rows meet
+    four_draws, reference_draws = (metrics.bootstrap_draws(fid.fid_from_features, digits_features(x), held_out, 4, SEED)
+                                   for x in (four, reference))
+    assert float(distilled_4["fid_diff"]) == pytest.approx(float(distilled_4["fid"]) - float(rows[1]["fid"]), abs=1e-9)
+    assert float(distilled_4["fid_diff_sd"]) == pytest.approx(float((four_draws - reference_draws).std()), rel=1e-5)
+    assert float(distilled_4["fid_sd"]) == pytest.approx(float(four_draws.std()), rel=1e-5)
+    assert float(rows[1]["fid_diff"]) == 0 and float(rows[1]["kid_diff_sd"]) == 0 and rows[0]["fid_diff"] == ""
 
     # the floor: N_IMAGES training images (a seeded choice), disjoint from the 500 held-out ones
     chosen = torch.randperm(1297, generator=seeding.generator(SEED, "floor-images"))[:N_IMAGES]

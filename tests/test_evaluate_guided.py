@@ -93,6 +93,10 @@ def test_evaluate_measures_a_guided_chain_at_every_guidance_weight(cond_chain):
     assert "| w = 0 | w = 2 |" in markdown and "## Headline" in markdown
     headline = [line for line in markdown.split("## Headline")[1].split("##")[0].splitlines() if line.startswith("| 2 |")]
     assert len(headline) == 1 and f"{100 * float(two_step['accuracy']):.1f}" in headline[0]
+    with torch.no_grad():  # the student's accuracy minus the teacher's, paired image by image
+        gained = ((classifier(student).argmax(1) == labels).double() - (classifier(teacher[2]).argmax(1) == labels).double())
+    gap = f"{100 * float(gained.mean()):+.1f} ± {100 * float(gained.std()) / math.sqrt(N_IMAGES):.1f}"
+    assert headline[0].split(" | ")[4] == gap
     assert "The classifier's accuracy on the 500 reference images" in markdown
     assert (cond_chain / "ev/g.png").stat().st_size > 0
 

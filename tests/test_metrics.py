@@ -26,13 +26,22 @@ def test_mmd2_matches_a_direct_numpy_computation():
     assert metrics.mmd2_unbiased(a, b) == pytest.approx(_mmd2_unbiased_loops(a, b), rel=1e-12)
 
 
-def test_kid_of_whole_sets_is_the_mmd2_of_the_sets():
-    """Subsets as large as both sets are permutations of them: every subset gives the same value."""
+def test_mmd2_of_a_resample_runs_over_pairs_of_distinct_original_rows():
+    """With the original row of each resampled row given, the within-set sums skip every pair of copies of one
+    row (loops here); with distinct ids it is the plain unbiased estimate."""
     rng = np.random.default_rng(1)
-    a, b = rng.normal(size=(20, 3)), rng.normal(0.5, 1.0, size=(20, 3))
-    mean, std = metrics.kid(a, b, subset_size=1000, n_subsets=5)
-    assert mean == pytest.approx(_mmd2_unbiased_loops(a, b), rel=1e-10)
-    assert std < 1e-10
+    a, b = rng.normal(size=(12, 3)), rng.normal(0.5, 1.0, size=(9, 3))
+    i, j = torch.tensor([0, 3, 3, 5, 7, 7, 7, 11]), torch.tensor([1, 1, 2, 8, 4])
+    k = lambda x, y: (x @ y / len(x) + 1) ** 3
+
+    def within(x, ids):
+        pairs = [(p, q) for p in range(len(ids)) for q in range(len(ids)) if ids[p] != ids[q]]
+        return sum(k(x[ids[p]], x[ids[q]]) for p, q in pairs) / len(pairs)
+
+    cross = np.mean([k(a[p], b[q]) for p in i.tolist() for q in j.tolist()])
+    expected = within(a, i.tolist()) + within(b, j.tolist()) - 2 * cross
+    assert metrics.mmd2_unbiased(a[i.numpy()], b[j.numpy()], i, j) == pytest.approx(expected, rel=1e-10)
+    assert metrics.mmd2_unbiased(a, b, torch.arange(12), torch.arange(9)) == pytest.approx(_mmd2_unbiased_loops(a, b), rel=1e-10)
 
 
 def test_kid_expectation_closed_form_in_one_dimension():
@@ -65,15 +74,26 @@ def test_kid_is_unbiased_for_one_distribution():
     assert biased_mean > 10 * biased_se
 
 
-def test_kid_standard_deviation_is_the_spread_over_subsets():
-    """KID's error bar is the standard deviation of the unbiased MMD^2 over random subsets: compare it with
-    the spread over subsets drawn here with numpy (two estimates of one quantity, 300 subsets each)."""
+def test_kid_standard_deviation_is_the_spread_over_subsets_drawn_from_both_sets():
+    """KID's error bar is the standard deviation of the unbiased MMD^2 over random subsets drawn with replacement
+    from both sets: compare it with the spread over subsets drawn here with numpy (two estimates of one quantity,
+    300 subsets each), and its mean with the MMD^2 of the whole sets. Subsets as large as a set still vary."""
     rng = np.random.default_rng(10)
     a, b = rng.normal(size=(2000, 2)), rng.normal(0.2, 1.0, size=(2000, 2))
-    _, std = metrics.kid(a, b, subset_size=40, n_subsets=300, seed=4)
-    spread = np.std([_mmd2_unbiased_vectorised(a[rng.choice(2000, 40, replace=False)], b[rng.choice(2000, 40, replace=False)])
-                     for _ in range(300)], ddof=1)
+    mean, std, values = metrics.kid(a, b, subset_size=40, n_subsets=300, seed=4)
+    assert values.shape == (300,) and std == pytest.approx(float(values.std()))
+    spread = np.std([_mmd2_of_resamples(a, b, rng.choice(2000, 40), rng.choice(2000, 40)) for _ in range(300)], ddof=1)
     assert std == pytest.approx(spread, rel=0.2)
+    assert abs(mean - _mmd2_unbiased_vectorised(a, b)) < 3 * std / math.sqrt(300)
+    small_a, small_b = a[:30], b[:30]
+    assert metrics.kid(small_a, small_b, subset_size=1000, n_subsets=20)[1] > 0
+
+
+def _mmd2_of_resamples(a, b, i, j):
+    k = lambda x, y: (x @ y.T / x.shape[1] + 1) ** 3
+    distinct_i, distinct_j = i[:, None] != i[None, :], j[:, None] != j[None, :]
+    return ((k(a[i], a[i]) * distinct_i).sum() / distinct_i.sum() + (k(b[j], b[j]) * distinct_j).sum() / distinct_j.sum()
+            - 2 * k(a[i], b[j]).mean())
 
 
 def _mmd2_unbiased_vectorised(a, b):
@@ -86,8 +106,8 @@ def _mmd2_unbiased_vectorised(a, b):
 def test_kid_subsets_are_seeded():
     rng = np.random.default_rng(5)
     a, b = rng.normal(size=(60, 3)), rng.normal(size=(50, 3))
-    assert metrics.kid(a, b, subset_size=20, n_subsets=7, seed=1) == metrics.kid(a, b, subset_size=20, n_subsets=7, seed=1)
-    assert metrics.kid(a, b, subset_size=20, n_subsets=7, seed=1) != metrics.kid(a, b, subset_size=20, n_subsets=7, seed=2)
+    first, again, other = (metrics.kid(a, b, subset_size=20, n_subsets=7, seed=s)[2] for s in (1, 1, 2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
 
 
 def test_density_and_coverage_hand_worked_case():
@@ -147,13 +167,36 @@ def test_paired_rmse_and_standard_error_by_hand():
         metrics.paired_rmse(a, b[:1])
 
 
-def test_bootstrap_std_of_a_difference_of_means():
-    """With b fixed, the bootstrap standard deviation of mean(a) - mean(b) is about sqrt(var_a / N)."""
+def test_bootstrap_resamples_both_sets():
+    """The bootstrap standard deviation of mean(a) - mean(b), both sets resampled, is about
+    sqrt(var_a / N + var_b / M)."""
     g = torch.Generator().manual_seed(9)
     a, b = torch.randn(400, 1, generator=g), 2 * torch.randn(100, 1, generator=g)
-    expected = math.sqrt(float(a.var()) / 400)
-    got = metrics.bootstrap_std(lambda x, y: float(x.mean() - y.mean()), a, b, n_draws=2000, seed=1)
-    assert got == pytest.approx(expected, rel=0.06)
+    expected = math.sqrt(float(a.var()) / 400 + float(b.var()) / 100)
+    draws = metrics.bootstrap_draws(lambda x, y: float(x.mean() - y.mean()), a, b, n_draws=2000, seed=1)
+    assert draws.shape == (2000,) and metrics.spread(draws) == pytest.approx(expected, rel=0.06)
+
+
+def test_paired_bootstrap_of_two_sets_of_the_same_items():
+    """Two sets of one evaluation meet the same resamples: for a' = a + e (item by item), the paired spread of
+    mean(a') - mean(a), against one reference b, is sd(e)/sqrt(N), the reference and a's own spread cancelling;
+    the unpaired spread is far wider. Means of per-item values pair the same way."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(500, 1, generator=g), torch.randn(300, 1, generator=g)
+    e = 0.1 * torch.randn(500, 1, generator=g)
+    statistic = lambda x, y: float(x.mean() - y.mean())
+    draws_a = metrics.bootstrap_draws(statistic, a, b, n_draws=1500, seed=2)
+    draws_shifted = metrics.bootstrap_draws(statistic, a + e, b, n_draws=1500, seed=2)
+    assert metrics.paired_std(draws_shifted, draws_a) == pytest.approx(float(e.std()) / math.sqrt(500), rel=0.08)
+    assert math.hypot(metrics.spread(draws_a), metrics.spread(draws_shifted)) > 8 * metrics.paired_std(draws_shifted, draws_a)
+    means, shifted_means = metrics.bootstrap_means(a, 1500, 2), metrics.bootstrap_means(a + e, 1500, 2)
+    assert metrics.spread(means) == pytest.approx(float(a.std()) / math.sqrt(500), rel=0.08)
+    assert metrics.paired_std(shifted_means, means) == pytest.approx(float(e.std()) / math.sqrt(500), rel=0.08)
+
+
+def test_quantiles_by_nearest_rank():
+    values = [5, 1, 4, 2, 3, math.inf, 0, 7, 6, 8]
+    assert metrics.quantiles(values, (0.16, 0.5, 0.84, 1.0)) == [1, 4, 8, math.inf]  # ranks ceil(p n): 2, 5, 9, 10
 
 
 def test_nfe_to_reach_interpolates_on_log_nfe():
