@@ -62,6 +62,19 @@ class RunContext:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def raise_together(self, error):
+        """Every rank's view of a step that may fail on some ranks: raises the local UserError `error`, or one that
+        names another rank's failure, on every rank as soon as any rank has one (none hangs waiting for the rest)."""
+        failed = self.all_max([1.0 if error is not None else 0.0])[0] > 0
+        if error is not None:
+            raise error
+        if failed:
+            raise UserError("another process of this run failed (its message says why); nothing more was written here")
+
     def close(self):
         if self.distributed and dist.is_initialized():
             dist.barrier()

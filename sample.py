@@ -23,7 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torchvision
+from tqdm import tqdm
 
+import sample_shards
 import samplers
 from checkpoints import check_guidance_weight, checkpoint_channel_order, checkpoint_conditioning, checkpoint_prediction
 from cli import (ArgumentParser, UserError, add_common_arguments, label_list, main_guard, nonnegative_float,
@@ -34,6 +36,7 @@ from sample_utils import (add_sampler_arguments, describe, generate, image_noise
 from user_modules import extra_args_fn, guided_network, load_model_from_checkpoint, load_user_module
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+PICTURE_IMAGES = 1024  # with a sample folder, --out_file draws its first images, at most this many
 
 
 def make_argument_parser():
@@ -41,7 +44,16 @@ def make_argument_parser():
     add_common_arguments(parser)
     parser.add_argument("--checkpoint", required=True, help="checkpoint to sample from")
     parser.add_argument("--out_file", default="", help="PNG grid of the samples")
-    parser.add_argument("--out_npz", default="", help="also write arr_0 (uint8 NHWC) and samples (float32 NCHW in [-1, 1])")
+    parser.add_argument("--out_npz", default="", help="the sample set as one npz: arr_0 (uint8 NHWC), arr_1 (the labels of a "
+                             "conditional model) and, with --float_samples True, samples (float32 NCHW in [-1, 1]); "
+                             "assembled from the shards of --out_dir")
+    parser.add_argument("--out_dir", default="",
+                        help="the sample folder of shards (sample_shards.py): written as the images come, resumable by "
+                             "rerunning the same command; unset with --out_npz: OUT_NPZ without .npz, plus _shards")
+    parser.add_argument("--shard_size", type=positive_int, default=1000,
+                        help="images per shard: what one process holds in memory at a time (with --chunk_size per call)")
+    parser.add_argument("--float_samples", type=str2bool, default=False,
+                        help="also keep float32 copies (samples) in the shards and the npz, 4x the size of arr_0")
     add_sampler_arguments(parser, default_sampler="ancestral")
     parser.add_argument("--batch_size", dest="num_images", type=positive_int, default=argparse.SUPPRESS,
                         help="the original's name of --num_images")
@@ -125,6 +137,14 @@ def main(argv=None):
             save_png(picture, args.out_file)
         return finish(ctx)
 
+    folder = shard_folder(args)
+    if folder:
+        write_sample_set(args, ctx, folder, net, grid, spec, shape, bgr, extra_args, ckpt)
+        if args.out_file and ctx.is_main:  # the picture from the first images, read back from the shards
+            count = min(args.num_images, PICTURE_IMAGES)
+            arr = np.concatenate(list(sample_shards.read_shards(folder, args.num_images, args.shard_size, limit=count)))
+            save_picture(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255, args.out_file, per_row)
+        return finish(ctx)
     this_rank = range(ctx.rank, args.num_images, ctx.world_size)
     with ctx.autocast():
         samples = generate(net, grid, spec, this_rank, shape, args.seed, extra_args=images_of(extra_args, this_rank),
@@ -134,22 +154,93 @@ def main(argv=None):
     if ctx.is_main:
         if bgr and samples.shape[1] == 3:
             samples = samples.flip(1)
-        samples = samples.clamp(-1, 1)
-        if args.out_file:
-            nrow = per_row or max(1, math.ceil(math.sqrt(samples.shape[0])))
-            save_png(torchvision.utils.make_grid((samples + 1) / 2, nrow=nrow, padding=2), args.out_file)
-        if args.out_npz:
-            arr = ((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            make_parent(args.out_npz)
-            np.savez(args.out_npz, arr_0=arr, samples=samples.numpy().astype(np.float32))
-            print(f"Wrote {samples.shape[0]} samples to {args.out_npz}")
+        save_picture((samples.clamp(-1, 1) + 1) / 2, args.out_file, per_row)
     return finish(ctx)
+
+
+def shard_folder(args):
+    """The sample folder of this run ('' for a picture only)."""
+    if args.out_dir:
+        return args.out_dir
+    return args.out_npz[:-len(".npz")] + "_shards" if args.out_npz else ""
+
+
+def run_settings(args, ckpt, spec, grid, shape, bgr, extra_args):
+    """What a sample folder records and a rerun must repeat: everything that decides the images."""
+    labels = extra_args.get("y")
+    return {"checkpoint": sample_shards.file_fingerprint(args.checkpoint), "seed": args.seed,
+            "sampler": spec.name, "options": {k: v for k, v in spec.options.items() if v is not None},
+            "time_labels": [round(float(t), 9) for t in grid.labels], "sigmas": [round(float(s), 12) for s in grid.sigmas],
+            "prediction": checkpoint_prediction(ckpt), "guidance": extra_args.get("w"),
+            "labels": None if labels is None else [int(y) for y in labels.tolist()], "image_shape": shape,
+            "channel_order": "BGR" if bgr else "RGB", "num_images": args.num_images, "shard_size": args.shard_size,
+            "float_samples": args.float_samples, "amp": args.amp}
+
+
+def write_sample_set(args, ctx, folder, net, grid, spec, shape, bgr, extra_args, ckpt):
+    """Every missing shard of this rank (shard k: rank k mod W) into `folder`, then, on the main process once all
+    ranks are done, the final --out_npz. Host memory: one shard's images at a time."""
+    settings = run_settings(args, ckpt, spec, grid, shape, bgr, extra_args)
+    hwc = (shape[1], shape[2], shape[0])
+    labels = extra_args.get("y")
+    ctx.raise_together(_shard_error(lambda: sample_shards.open_folder(folder, settings, ctx.is_main)))
+    ctx.barrier()  # the manifest is on disk before any rank looks for its shards
+    todo = sample_shards.missing_shards(folder, args.num_images, args.shard_size, ctx.rank, ctx.world_size, hwc,
+                                        args.float_samples)
+    mine = len(range(ctx.rank, len(sample_shards.shard_ranges(args.num_images, args.shard_size)), ctx.world_size))
+    if ctx.is_main and len(todo) < mine:
+        print(f"{folder}: continuing, {mine - len(todo)} of this process's {mine} shards already there")
+    bar = tqdm(total=sum(end - start for _, start, end in todo), desc="images", unit="img", disable=not ctx.is_main)
+
+    def write_missing():
+        with bar:  # closed (its line ended) before any message
+            write_shards()
+
+    def write_shards():
+        for k, start, end in todo:
+            indices = range(start, end)
+            with ctx.autocast():
+                samples = generate(net, grid, spec, indices, shape, args.seed, extra_args=images_of(extra_args, indices),
+                                   device=ctx.device, chunk_size=args.chunk_size, channels_last=args.channels_last,
+                                   prediction=checkpoint_prediction(ckpt))
+            if bgr and samples.shape[1] == 3:
+                samples = samples.flip(1)
+            sample_shards.write_shard(folder, k, start, samples.clamp(-1, 1),
+                                      None if labels is None else labels[start:end].cpu(), args.float_samples)
+            bar.update(end - start)
+
+    ctx.raise_together(_shard_error(write_missing))
+    if ctx.is_main:
+        def finish_set():
+            sample_shards.check_complete(folder, args.num_images, args.shard_size)
+            if args.out_npz:
+                keys = ["arr_0"] + (["arr_1"] if labels is not None else []) + (["samples"] if args.float_samples else [])
+                sample_shards.assemble(folder, args.out_npz, args.num_images, args.shard_size, keys)
+                print(f"Wrote {args.num_images} samples to {args.out_npz}")
+        error = _shard_error(finish_set)
+        if error is not None:
+            raise error
+        print(f"{folder} holds all {args.num_images} images")
+
+
+def _shard_error(step):
+    """Run step(); its ShardError as a UserError (None when it succeeds)."""
+    try:
+        step()
+    except sample_shards.ShardError as e:
+        return UserError(str(e))
+    return None
 
 
 def check_outputs(args):
     """Fail before sampling, not after, when the outputs cannot be written."""
-    if not args.out_file and not args.out_npz:
-        raise UserError("nothing to write: give --out_file PATH.png and/or --out_npz PATH.npz")
+    if not args.out_file and not args.out_npz and not args.out_dir:
+        raise UserError("nothing to write: give --out_file PATH.png, --out_npz PATH.npz and/or --out_dir FOLDER")
+    folder = shard_folder(args)
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"cannot use {folder} as the sample folder: it is a file")
+    if folder and os.path.isdir(folder) and os.listdir(folder) and not os.path.exists(os.path.join(folder, sample_shards.MANIFEST)):
+        raise UserError(f"{folder} exists and is not a sample folder of sample.py (no {sample_shards.MANIFEST}); choose another")
     if args.trajectory and not args.out_file:
         raise UserError("--trajectory True draws a picture: give --out_file PATH.png")
     if args.out_file and os.path.splitext(args.out_file)[1].lower() not in IMAGE_EXTENSIONS:
@@ -187,6 +278,13 @@ def save_png(grid, path):
     make_parent(path)
     torchvision.utils.save_image(grid, path)
     print(f"Wrote {path}")
+
+
+def save_picture(images, path, per_row):
+    """A grid PNG of images [N, C, H, W] in [0, 1] (per_row images per row, or a square), if a path is given."""
+    if path:
+        nrow = per_row or max(1, math.ceil(math.sqrt(images.shape[0])))
+        save_png(torchvision.utils.make_grid(images, nrow=nrow, padding=2), path)
 
 
 def finish(ctx):

@@ -50,11 +50,12 @@ def test_train_resume_and_sample_under_torchrun(tmp_path):
 
     sample = [os.path.join(ROOT, "sample.py"), "--module", "toy_u", "--checkpoint", ckpt, "--batch_size", 7,
               "--clipped_sampling", "True", "--device", "cpu"]
-    torchrun(*sample, "--out_npz", "two.npz", cwd=tmp_path)
-    torchrun(*sample, "--out_npz", "one.npz", cwd=tmp_path, nproc=1)
+    torchrun(*sample, "--out_npz", "two.npz", "--float_samples", "True", "--shard_size", 2, cwd=tmp_path)
+    torchrun(*sample, "--out_npz", "one.npz", "--float_samples", "True", cwd=tmp_path, nproc=1)
     two, one = np.load(tmp_path / "two.npz")["samples"], np.load(tmp_path / "one.npz")["samples"]
     assert two.shape == (7, 2, 1, 1)
     np.testing.assert_allclose(two, one, atol=1e-6)  # image i gets the same noise whatever the split
+    assert sorted(os.listdir(tmp_path / "two_shards")) == ["manifest.json"] + [f"shard_00000{k}.npz" for k in range(4)]
 
 
 def test_ancestral_sampling_under_torchrun_equals_one_process(tmp_path):
@@ -62,8 +63,9 @@ def test_ancestral_sampling_under_torchrun_equals_one_process(tmp_path):
     torch.manual_seed(0)
     torch.save({"G": toy_u.make_model().state_dict(), "n_timesteps": 16, "time_scale": 1}, tmp_path / "toy.pt")
     sample = ["--module", "toy_u", "--checkpoint", "toy.pt", "--batch_size", 7, "--chunk_size", 2, "--device", "cpu"]
-    torchrun(os.path.join(ROOT, "sample.py"), *sample, "--out_npz", "two.npz", cwd=tmp_path)
-    run_script("sample.py", *sample, "--chunk_size", 7, "--out_npz", "one.npz", cwd=tmp_path)
+    torchrun(os.path.join(ROOT, "sample.py"), *sample, "--out_npz", "two.npz", "--float_samples", "True", "--shard_size", 3,
+             cwd=tmp_path)
+    run_script("sample.py", *sample, "--chunk_size", 7, "--out_npz", "one.npz", "--float_samples", "True", cwd=tmp_path)
     two, one = np.load(tmp_path / "two.npz")["samples"], np.load(tmp_path / "one.npz")["samples"]
     assert two.shape == (7, 2, 1, 1) and np.abs(one).max() > 0.1
     np.testing.assert_allclose(two, one, atol=1e-6)

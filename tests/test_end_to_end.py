@@ -45,7 +45,7 @@ def test_train_then_three_halvings_then_sample(run, tmp_path):
         assert (c["n_timesteps"], c["time_scale"]) == (steps, scale)
         assert c["time_labels"] == "aligned" and c["channel_order"] == "RGB"
         assert os.path.isdir(tmp_path / "checkpoints" / "toy" / dname / "tensorboard")
-    run("sample.py", "--module", "toy_u", "--checkpoint", teacher, "--batch_size", 2000, "--out_npz", "s.npz",
+    run("sample.py", "--module", "toy_u", "--checkpoint", teacher, "--batch_size", 2000, "--out_npz", "s.npz", "--float_samples", "True",
         "--out_file", "s.png", "--clipped_sampling", "True", "--clipping_value", 3, "--device", "cpu")
     data = np.load(tmp_path / "s.npz")
     assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (2000, 1, 1, 2)
@@ -104,7 +104,7 @@ def test_checkpoint_of_the_original_loads_and_samples_in_the_right_colours(run, 
     case = torch.load(os.path.join(REFERENCE, "ddim_tiny_case.pt"), weights_only=True)
     write_reference_module(tmp_path, case["config"])
     torch.save({"G": case["G"], "n_timesteps": 16, "time_scale": 2}, tmp_path / "original.pt")
-    run("sample.py", "--module", "ref_u", "--checkpoint", "original.pt", "--batch_size", 3, "--out_npz", "o.npz",
+    run("sample.py", "--module", "ref_u", "--checkpoint", "original.pt", "--batch_size", 3, "--out_npz", "o.npz", "--float_samples", "True",
         "--clipped_sampling", "True", "--seed", 5, "--channel_order", channel_order, "--device", "cpu")
     got = torch.from_numpy(np.load(tmp_path / "o.npz")["samples"])
 

@@ -52,7 +52,7 @@ def digits_features(images):
 def sample_npz(folder, checkpoint, name):
     """The images sample.py draws with deterministic DDIM (an independent path to the same samples)."""
     run_script("sample.py", "--module", "digits_u", "--checkpoint", checkpoint, "--sampler", "ddim",
-               "--num_images", N_IMAGES, "--seed", SEED, "--device", "cpu", "--out_npz", f"{name}.npz", cwd=folder)
+               "--num_images", N_IMAGES, "--seed", SEED, "--device", "cpu", "--out_npz", f"{name}.npz", "--float_samples", "True", cwd=folder)
     return np.load(folder / f"{name}.npz")["samples"]
 
 

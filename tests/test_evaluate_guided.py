@@ -46,7 +46,7 @@ def sample_npz(folder, checkpoint, w, name):
     labels = ",".join(str(i % K) for i in range(N_IMAGES))
     run_script("sample.py", "--module", "digits_cond_u", "--checkpoint", checkpoint, "--sampler", "ddim",
                "--guidance", w, "--labels", labels, "--num_images", N_IMAGES, "--seed", SEED, "--device", "cpu",
-               "--out_npz", f"{name}.npz", cwd=folder, env_extra=ONE_THREAD)
+               "--out_npz", f"{name}.npz", "--float_samples", "True", cwd=folder, env_extra=ONE_THREAD)
     return torch.from_numpy(np.load(folder / f"{name}.npz")["samples"])
 
 

@@ -80,7 +80,7 @@ def test_sample_py_refuses_with_one_line_and_writes_nothing(run, tmp_path, argv,
 ])
 def test_sample_py_draws_what_generate_draws(run, tmp_path, argv, spec):
     save_toy(tmp_path / "toy.pt", time_labels="aligned", channel_order="RGB")
-    run("sample.py", "--module", "toy_u", "--checkpoint", "toy.pt", "--out_npz", "out.npz", "--num_images", 5,
+    run("sample.py", "--module", "toy_u", "--checkpoint", "toy.pt", "--out_npz", "out.npz", "--float_samples", "True", "--num_images", 5,
         "--chunk_size", 2, "--seed", 11, "--device", "cpu", *argv)
     got = torch.from_numpy(np.load(tmp_path / "out.npz")["samples"])
     model, ckpt = load_model_from_checkpoint(toy_u, str(tmp_path / "toy.pt"), "cpu")
@@ -97,7 +97,7 @@ def test_the_original_command_samples_with_its_ancestral_sampler(run, tmp_path):
 
 def test_the_original_clipped_command_is_the_original_clipped_sampler(run, tmp_path):
     save_toy(tmp_path / "original.pt")
-    run("sample.py", "--out_npz", "clipped.npz", "--module", "toy_u", "--checkpoint", "original.pt", "--batch_size", 3,
+    run("sample.py", "--out_npz", "clipped.npz", "--float_samples", "True", "--module", "toy_u", "--checkpoint", "original.pt", "--batch_size", 3,
         "--clipped_sampling", "True", "--clipping_value", 1.2, "--time_scale", 2, "--seed", 4)
     model, _ = load_model_from_checkpoint(toy_u, str(tmp_path / "original.pt"), "cpu")
     diffusion = GaussianDiffusion(model, make_beta_schedule("cosine", 8), time_scale=2, sampler="clipped",

@@ -296,12 +296,12 @@ def test_a_1000_step_linear_eps_teacher_distils_to_one_step_through_the_scripts(
         assert torch.equal(student["schedule"]["betas"], teacher["schedule"]["betas"])
         assert student["time_scale"] == 1000 / points
     run("sample.py", "--module", "toy_u", "--checkpoint", "checkpoints/eps/base_8/checkpoint.pt", "--num_images", 6,
-        "--out_npz", "one.npz", "--device", "cpu")
+        "--out_npz", "one.npz", "--float_samples", "True", "--device", "cpu")
     samples = np.load(tmp_path / "one.npz")["samples"]
     assert samples.shape == (6, 2, 1, 1) and np.isfinite(samples).all()
     # the teacher itself samples on any trailing subset of its 1000 steps
     run("sample.py", "--module", "toy_u", "--checkpoint", "checkpoints/eps/teacher/checkpoint.pt", "--steps", 10,
-        "--num_images", 4, "--out_npz", "ten.npz", "--device", "cpu")
+        "--num_images", 4, "--out_npz", "ten.npz", "--float_samples", "True", "--device", "cpu")
     refused = run("export_checkpoint.py", "checkpoints/eps/base_3/checkpoint.pt", "exported", "--for_original", "True",
                   "--module", "toy_u", check=False)
     assert refused.returncode == 2 and "original's sample.py" in refused.stderr
