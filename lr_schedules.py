@@ -21,10 +21,13 @@ LR_SCHEDULES = {"constant": "constant", "linear": "linear", "cosine": "cosine", 
 
 
 def make_optimizer(params, scheduler, lr, weight_decay):
-    """The optimizer of --scheduler: the original's SGD strategies with their weight decay, else AdamW."""
+    """The optimizer of --scheduler: the original's SGD strategies with their weight decay, else AdamW. Both fused
+    (one kernel per step; on the CPU the same numbers as the for-each implementation), which also lets the loop
+    skip an update on the device: a fused step does nothing where optimizer.found_inf is non-zero (the contract
+    torch.amp.GradScaler uses)."""
     if scheduler in original.SGD_STRATEGIES:
-        return torch.optim.SGD(params, lr=lr, weight_decay=original.sgd_weight_decay(scheduler, lr))
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, weight_decay=original.sgd_weight_decay(scheduler, lr), fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def optimizer_name(scheduler):

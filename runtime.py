@@ -62,6 +62,15 @@ class RunContext:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
+    def all_true(self, flag):
+        """A bool tensor on the device, True where it is True on every rank: an all-reduce queued on the device,
+        no wait for the host (NCCL)."""
+        if not self.distributed:
+            return flag
+        value = flag.to(torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value.bool()
+
     def barrier(self):
         if self.distributed:
             dist.barrier()

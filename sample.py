@@ -183,8 +183,9 @@ def write_sample_set(args, ctx, folder, net, grid, spec, shape, bgr, extra_args,
     settings = run_settings(args, ckpt, spec, grid, shape, bgr, extra_args)
     hwc = (shape[1], shape[2], shape[0])
     labels = extra_args.get("y")
-    ctx.raise_together(_shard_error(lambda: sample_shards.open_folder(folder, settings, ctx.is_main)))
-    ctx.barrier()  # the manifest is on disk before any rank looks for its shards
+    # The main process checks or creates the folder and its manifest; then every rank checks it against its settings.
+    ctx.raise_together(_shard_error(lambda: sample_shards.open_folder(folder, settings)) if ctx.is_main else None)
+    ctx.raise_together(_shard_error(lambda: sample_shards.open_folder(folder, settings, create=False)))
     todo = sample_shards.missing_shards(folder, args.num_images, args.shard_size, ctx.rank, ctx.world_size, hwc,
                                         args.float_samples)
     mine = len(range(ctx.rank, len(sample_shards.shard_ranges(args.num_images, args.shard_size)), ctx.world_size))
@@ -239,7 +240,9 @@ def check_outputs(args):
     folder = shard_folder(args)
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"cannot use {folder} as the sample folder: it is a file")
-    if folder and os.path.isdir(folder) and os.listdir(folder) and not os.path.exists(os.path.join(folder, sample_shards.MANIFEST)):
+    first_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun the others may see it being created
+    if (first_process and folder and os.path.isdir(folder) and os.listdir(folder)
+            and not os.path.exists(os.path.join(folder, sample_shards.MANIFEST))):
         raise UserError(f"{folder} exists and is not a sample folder of sample.py (no {sample_shards.MANIFEST}); choose another")
     if args.trajectory and not args.out_file:
         raise UserError("--trajectory True draws a picture: give --out_file PATH.png")

@@ -50,11 +50,13 @@ def _settings_text(settings):
     return json.dumps(settings, indent=1, sort_keys=True)
 
 
-def open_folder(folder, settings, is_main=True):
-    """Check `folder` against `settings` (a JSON-able dict) and, on the main process, create it with its
-    manifest if new. ShardError when it holds another run's shards (naming the settings that differ) or cannot
-    be written."""
+def open_folder(folder, settings, create=True):
+    """Check `folder` against `settings` (a JSON-able dict); create it with its manifest if new and `create`
+    (else its manifest must be there). ShardError when it holds another run's shards (naming the settings that
+    differ) or cannot be written."""
     path = os.path.join(folder, MANIFEST)
+    if not create and not os.path.exists(path):
+        raise ShardError(f"{path} is missing: the folder was not created by this run's first process")
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -70,12 +72,11 @@ def open_folder(folder, settings, is_main=True):
         return
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
         raise ShardError(f"{folder} exists and is not a sample folder of sample.py (no {MANIFEST}); choose another")
-    if is_main:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            _write_atomically(path, lambda f: f.write(_settings_text(settings).encode()))
-        except OSError as e:
-            raise ShardError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        _write_atomically(path, lambda f: f.write(_settings_text(settings).encode()))
+    except OSError as e:
+        raise ShardError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _write_atomically(path, write):

@@ -14,7 +14,6 @@ References
 - Meng et al. 2023, Sec. 3.1: stage one of guidance distillation, w ~ U[w_min, w_max] per image.
 """
 import copy
-import math
 import os
 import signal
 import time
@@ -192,6 +191,7 @@ def train(args, ctx, stage, dataset, resume=None):
         return "done" if done else "stopped"
 
     def save():
+        bad_steps = int(bad_run)
         if ctx.is_main:
             state = dict(stage.meta, G=clean_state_dict((ema.model if ema else model).state_dict()),
                          format_version=FORMAT_VERSION, step=step, bad_steps=bad_steps, args=dict(vars(args)),
@@ -203,13 +203,18 @@ def train(args, ctx, stage, dataset, resume=None):
 
     batches = iter(make_loader(dataset, args, ctx.rank, ctx.world_size, step, ctx.device, stage.flip_channels))
     writer = tensorboard(stage.checkpoint_dir, step) if ctx.is_main else None
-    log, params = LossLog(), list(model.parameters())
+    log, params = LossLog(ctx.device), list(model.parameters())
+    bad_run = torch.tensor(bad_steps, device=ctx.device)  # consecutive skipped updates, counted on the device
+    guard_every = min(args.log_every, args.max_bad_steps)  # steps between the host's looks at the guard
+    stopping = False
     last_preview = last_save = time.monotonic()
     with stop_signals() as signals, tqdm(total=args.num_iters, initial=step, disable=not ctx.is_main,
                                          dynamic_ncols=True) as bar:
         while step < args.num_iters:
+            waited = time.perf_counter()
             images, labels = next(batches)
             images = images.to(ctx.device, non_blocking=True)
+            data_s = time.perf_counter() - waited  # time spent waiting for the data
             if args.channels_last and images.ndim == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
             draws = draw_step(args.seed, ctx.rank, step, images, stage.n_levels, stage.conditioning, stage.eps_dtype)
@@ -223,31 +228,38 @@ def train(args, ctx, stage, dataset, resume=None):
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            loss_value, grad_value = torch.stack([loss.detach(), grad_norm.float()]).tolist()  # one device sync
-            # The guard: no update from a non-finite loss or gradient on any rank (fp16's scaler skips the
-            # overflowing gradients of a finite loss itself, and lowers its scale).
-            grad_ok = math.isfinite(grad_value) or scaler.is_enabled()
-            bad, stopping = ctx.all_max([float(not (math.isfinite(loss_value) and grad_ok)), float(signals.received)])
-            if bad:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler.is_enabled():
-                    scaler.update()
-                bad_steps += 1
-                say(ctx, f"Step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row).", bar=True)
-                if bad_steps >= args.max_bad_steps:
-                    raise UserError(f"{bad_steps} non-finite losses in a row at step {step}: training diverged; lower "
-                                    f"--lr or check the data; the last good checkpoint is "
-                                    f"{os.path.join(stage.checkpoint_dir, 'checkpoint.pt')}")
-            else:
+            # The guard: no update from a non-finite loss or gradient on any rank. On the device, without waiting
+            # for the host: the fused optimizer skips its step where found_inf is set, the EMA moves by 0. fp16's
+            # scaler skips overflowing gradients of a finite loss itself (and lowers its scale); it decides on the host.
+            finite = ctx.all_true(torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) | scaler.is_enabled()))
+            if scaler.is_enabled():
+                if not bool(finite):
+                    optimizer.zero_grad(set_to_none=True)  # scaler.step then finds nothing to apply
                 scaler.step(optimizer)
                 scaler.update()
-                if ema is not None:
-                    ema.update(model, step)
-                bad_steps = 0
-                log.add(loss_value, grad_value, losses.detach(), draws.t.float() / stage.n_levels)
+            else:
+                optimizer.found_inf = (~finite).float()
+                optimizer.step()
+            if ema is not None:
+                ema.update(model, step, weight=finite)
+            bad_run = torch.where(finite, 0, bad_run + 1)
+            log.add(loss.detach(), grad_norm.detach(), losses.detach(), draws.t.float() / stage.n_levels, finite, data_s)
             step += 1
             bar.update(1)
 
+            if step % guard_every == 0 or step == args.num_iters:  # the host looks at the guard (one sync)
+                bad_steps, skipped = int(bad_run), log.take_skipped()
+                if skipped:
+                    say(ctx, f"Step {step - 1}: non-finite loss or gradient, {skipped} update{'s' if skipped > 1 else ''} "
+                             f"skipped since the last check ({bad_steps} in a row).", bar=True)
+                if bad_steps >= args.max_bad_steps:
+                    raise UserError(f"{bad_steps} non-finite losses in a row at step {step - 1}: training diverged; lower "
+                                    f"--lr or check the data; the last good checkpoint is "
+                                    f"{os.path.join(stage.checkpoint_dir, 'checkpoint.pt')}")
+                if ctx.distributed:  # a stop signal on any rank stops every rank at the same step
+                    stopping = ctx.all_max([float(signals.received)])[0]
+            if not ctx.distributed:
+                stopping = signals.received
             if step % args.log_every == 0 or step == args.num_iters:
                 log.write(writer, step, lr, bad_steps, bar, ctx.world_size)
             if writer is not None and args.log_images and (time.monotonic() - last_preview >= 60 * args.log_interval
@@ -299,9 +311,12 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model, step):
+    def update(self, model, step, weight=None):
+        """One step towards the model's weights; weight (a bool tensor on the device): False leaves the average as
+        it is (a skipped update), without the host looking at it."""
         decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+        rate = 1 - decay if weight is None else weight.to(torch.float32) * (1 - decay)
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], rate)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
 
@@ -309,38 +324,61 @@ class EMA:
 # -- logging ----------------------------------------------------------------------------------
 
 class LossLog:
-    """Sums of the logged quantities between two scalar logs: the loss, the gradient norm (of the steps whose
-    gradient was finite: fp16's scaler skips the others, which are counted apart), images per second, and the
-    loss by quartile of the time t/N (improved-diffusion's habit: one sees where a student fails)."""
+    """Sums of the logged quantities between two scalar logs, kept on the device (read by the host at a log only):
+    the loss and its quartiles of the time t/N (improved-diffusion's habit: one sees where a student fails) over
+    the applied updates, the gradient norm over the finite ones (fp16's scaler skips the others, which are
+    counted apart), images per second, and the share of the wall time spent waiting for data. Beside them, the
+    updates skipped by the guard since the host last looked (take_skipped)."""
 
-    def __init__(self):
+    def __init__(self, device):
+        self.device = device
+        self.skipped = torch.zeros((), dtype=torch.float64, device=device)
         self.reset()
 
     def reset(self):
-        self.steps, self.loss, self.grad_steps, self.grad_norm, self.images = 0, 0.0, 0, 0.0, 0
-        self.q_sum, self.q_count = torch.zeros(4), torch.zeros(4)
-        self.start = time.monotonic()
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)
+        self.steps, self.loss, self.grad_steps, self.grad_norm = zeros(), zeros(), zeros(), zeros()
+        self.q_sum, self.q_count = zeros(4), zeros(4)
+        self.images, self.data_s, self.start = 0, 0.0, time.monotonic()
 
-    def add(self, loss, grad_norm, losses, times):
-        self.steps, self.loss, self.images = self.steps + 1, self.loss + loss, self.images + losses.shape[0]
-        if math.isfinite(grad_norm):
-            self.grad_steps, self.grad_norm = self.grad_steps + 1, self.grad_norm + grad_norm
-        quartile = (times.cpu() * 4).long().clamp(0, 3)
-        self.q_sum.index_add_(0, quartile, losses.float().cpu())
-        self.q_count.index_add_(0, quartile, torch.ones(quartile.shape[0]))
+    def add(self, loss, grad_norm, losses, times, finite, data_s):
+        """One step: its mean loss, gradient norm and per-sample losses (device tensors), the time fractions of
+        its samples, whether its update was applied (a bool tensor) and the seconds it waited for its batch."""
+        applied = finite.to(torch.float64)
+        self.steps += applied
+        self.skipped += 1 - applied
+        self.loss += torch.where(finite, loss.double(), 0.0)
+        finite_grad = finite & torch.isfinite(grad_norm)
+        self.grad_steps += finite_grad.to(torch.float64)
+        self.grad_norm += torch.where(finite_grad, grad_norm.double(), 0.0)
+        quartile = (times.to(self.device) * 4).long().clamp(0, 3)
+        self.q_sum.index_add_(0, quartile, torch.where(finite, losses.double(), 0.0))
+        self.q_count.index_add_(0, quartile, applied.expand(quartile.shape[0]))
+        self.images, self.data_s = self.images + losses.shape[0], self.data_s + data_s
+
+    def take_skipped(self):
+        """The updates skipped since the last call (one host sync)."""
+        count = int(self.skipped)
+        self.skipped.zero_()
+        return count
 
     def write(self, writer, step, lr, bad_steps, bar, world_size):
-        if self.steps and writer is not None:
-            stats = {"loss": self.loss / self.steps, "images_per_sec": self.images / max(time.monotonic() - self.start, 1e-9),
-                     "fp16_overflow_steps": self.steps - self.grad_steps, "lr": lr, "skipped_steps_in_a_row": bad_steps}
-            if self.grad_steps:
-                stats["grad_norm"] = self.grad_norm / self.grad_steps
+        if writer is not None:
+            steps, loss, grad_steps, grad_norm = (float(x) for x in torch.stack([self.steps, self.loss, self.grad_steps,
+                                                                               self.grad_norm]).tolist())
+            elapsed = max(time.monotonic() - self.start, 1e-9)
+            stats = {"images_per_sec": self.images / elapsed, "data_wait_fraction": self.data_s / elapsed,
+                     "fp16_overflow_steps": steps - grad_steps, "lr": lr, "skipped_steps_in_a_row": bad_steps}
+            if steps:
+                stats["loss"] = loss / steps
+            if grad_steps:
+                stats["grad_norm"] = grad_norm / grad_steps
             for q, (total, count) in enumerate(zip(self.q_sum.tolist(), self.q_count.tolist())):
                 if count > 0:
                     stats[f"loss_by_time_quartile/q{q}"] = total / count
             for key, value in stats.items():
                 writer.add_scalar(key, value, step)
-            bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{stats['images_per_sec'] * world_size:.1f}")
+            bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4g}", img_s=f"{stats['images_per_sec'] * world_size:.1f}")
         self.reset()
 
 

@@ -287,8 +287,8 @@ def test_non_finite_steps_are_skipped_and_the_run_goes_on(tmp_path, capsys):
     for k in (0, 1, 2, 5):
         assert not same_weights(calls[k], calls[k + 1])  # the other steps update
     out = capsys.readouterr().out
-    assert "Step 3: non-finite loss or gradient, update skipped (1 in a row)." in out
-    assert "Step 4: non-finite loss or gradient, update skipped (2 in a row)." in out
+    assert "Step 3: non-finite loss or gradient, 1 update skipped since the last check (1 in a row)." in out
+    assert "Step 4: non-finite loss or gradient, 1 update skipped since the last check (2 in a row)." in out
     saved, _ = checkpoint(tmp_path)
     assert saved["step"] == 7 and saved["bad_steps"] == 0
     assert all(torch.isfinite(v).all() for v in saved["G"].values())
@@ -369,11 +369,15 @@ class FakeBar:
 
 
 def test_loss_log_averages_the_grad_norm_of_finite_steps_and_counts_the_others():
-    log = LossLog()
-    log.add(1.0, 2.0, torch.tensor([1.0, 1.0]), torch.tensor([0.1, 0.9]))
-    log.add(3.0, float("inf"), torch.tensor([2.0, 4.0]), torch.tensor([0.3, 0.6]))
-    log.add(5.0, 4.0, torch.tensor([5.0, 5.0]), torch.tensor([0.2, 0.55]))
-    log.add(7.0, float("nan"), torch.tensor([7.0, 7.0]), torch.tensor([0.8, 0.99]))
+    log = LossLog(torch.device("cpu"))
+    add = lambda loss, grad, losses, times, applied=True, waited=0.0: log.add(
+        torch.tensor(loss), torch.tensor(grad), torch.tensor(losses), torch.tensor(times), torch.tensor(applied), waited)
+    add(1.0, 2.0, [1.0, 1.0], [0.1, 0.9])
+    add(3.0, float("inf"), [2.0, 4.0], [0.3, 0.6])
+    add(5.0, 4.0, [5.0, 5.0], [0.2, 0.55])
+    add(float("nan"), float("nan"), [float("nan"), 1.0], [0.1, 0.3], applied=False, waited=0.5)  # skipped by the guard
+    add(7.0, float("nan"), [7.0, 7.0], [0.8, 0.99])
+    log.start -= 10.0  # ten seconds of wall time, half a second of it waiting for data
     writer = FakeWriter()
     log.write(writer, 40, 0.5, 0, FakeBar(), 1)
     values = {tag: value for tag, (value, step) in writer.scalars.items()}
@@ -381,11 +385,15 @@ def test_loss_log_averages_the_grad_norm_of_finite_steps_and_counts_the_others()
     assert values["loss"] == 4.0  # (1 + 3 + 5 + 7) / 4: every step that updated
     assert values["grad_norm"] == 3.0  # (2 + 4) / 2: the finite ones only
     assert values["fp16_overflow_steps"] == 2
+    assert values["data_wait_fraction"] == pytest.approx(0.05, rel=1e-3)
+    assert values["images_per_sec"] == pytest.approx(1.0, rel=1e-3)  # 10 images in 10 s
     # quartiles of t/N: [0, .25) holds 1, 5; [.25, .5) 2; [.5, .75) 4, 5; [.75, 1) 1, 7, 7
     assert values["loss_by_time_quartile/q0"] == 3.0 and values["loss_by_time_quartile/q1"] == 2.0
     assert values["loss_by_time_quartile/q2"] == 4.5 and values["loss_by_time_quartile/q3"] == 5.0
-    only_overflow = LossLog()
-    only_overflow.add(1.0, float("inf"), torch.tensor([1.0]), torch.tensor([0.5]))
+    assert log.take_skipped() == 1 and log.take_skipped() == 0
+    only_overflow = LossLog(torch.device("cpu"))
+    only_overflow.add(torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor([1.0]), torch.tensor([0.5]),
+                      torch.tensor(True), 0.0)
     writer = FakeWriter()
     only_overflow.write(writer, 1, 0.5, 0, FakeBar(), 1)
     assert "grad_norm" not in writer.scalars and writer.scalars["fp16_overflow_steps"][0] == 1
