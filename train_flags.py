@@ -45,6 +45,9 @@ def add_training_arguments(parser, *, lr, scheduler, num_iters, ema_decay, dname
     add("--save_every", type=nonnegative_int, default=0, help="also save every N steps (0: by minutes only)")
     add("--keep_last", type=nonnegative_int, default=0,
         help="keep this many step-numbered checkpoints beside checkpoint.pt (0: none)")
+    add("--keep_training_state", default="always", choices=["always", "until_done"],
+        help="until_done: a finished run's checkpoint.pt keeps only what sampling and the next stage need (the "
+             "weights and records), without the optimizer state (a third to a quarter of the size); always: keep it")
     add("--stop_at", type=nonnegative_int, default=0,
         help="stop with a checkpoint at this step, the schedule still planned for --num_iters (0: off)")
     add("--max_bad_steps", type=positive_int, default=20, help="stop after this many non-finite losses in a row")

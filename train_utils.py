@@ -194,10 +194,13 @@ def train(args, ctx, stage, dataset, resume=None):
         bad_steps = int(bad_run)
         if ctx.is_main:
             state = dict(stage.meta, G=clean_state_dict((ema.model if ema else model).state_dict()),
-                         format_version=FORMAT_VERSION, step=step, bad_steps=bad_steps, args=dict(vars(args)),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
-            if ema is not None:
-                state["model"] = clean_state_dict(model.state_dict())
+                         format_version=FORMAT_VERSION, step=step, bad_steps=bad_steps, args=dict(vars(args)))
+            if step >= args.num_iters and args.keep_training_state == "until_done":
+                state["training_state"] = "dropped"  # finished: the weights are all the next stage needs
+            else:
+                state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+                if ema is not None:
+                    state["model"] = clean_state_dict(model.state_dict())
             path = save_checkpoint(state, stage.checkpoint_dir, step=step, keep=args.keep_last)
             say(ctx, f"Saved {path} at step {step}.", bar=True)
 
@@ -284,6 +287,10 @@ def restore(resume, model, ema, optimizer, scaler, args, ctx):
     """Load a checkpoint to continue: the full training state where it has one (returns its step and
     bad-step count), else its weights only (step 0: a file of the original, say)."""
     ckpt, source = resume
+    if ckpt.get("training_state") == "dropped" and int(ckpt.get("step", 0)) < args.num_iters:
+        raise UserError(f"{source} finished at step {ckpt['step']} and was saved without its optimizer state "
+                        "(--keep_training_state until_done): it cannot continue to --num_iters "
+                        f"{args.num_iters}; start a new run from it instead")
     saved = ckpt.get("args", {}).get("scheduler")
     if "optimizer" in ckpt and saved in LR_SCHEDULES and optimizer_name(saved) != optimizer_name(args.scheduler):
         raise UserError(f"{source} was trained with {optimizer_name(saved)} (--scheduler {saved}), but --scheduler "
@@ -298,6 +305,8 @@ def restore(resume, model, ema, optimizer, scaler, args, ctx):
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step, bad_steps = int(ckpt.get("step", 0)), int(ckpt.get("bad_steps", 0))
+    elif ckpt.get("training_state") == "dropped":  # a finished run: nothing is left to do (checked above)
+        step = int(ckpt["step"])
     say(ctx, f"Continuing from {source} at step {step}.")
     return step, bad_steps
 

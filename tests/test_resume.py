@@ -1,8 +1,8 @@
 """Nothing lost: crash-safe checkpoints, exact resume, graceful stop and the non-finite guard."""
 import errno
 import os
-import re
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -222,3 +222,29 @@ def test_many_non_finite_losses_in_a_row_stop_the_run_with_a_clear_message(run, 
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 3 non-finite losses in a row") and "Traceback" not in result.stderr
+
+
+def test_a_finished_run_can_drop_its_training_state(run, tmp_path):
+    """--keep_training_state until_done: the finished checkpoint holds the weights and records only (smaller), a
+    rerun has nothing to do, continuing it to more steps is refused with one line, a stage distils from it, and a
+    run stopped before its end keeps everything it needs to resume."""
+    common = ["--module", "toy_u", "--name", "toy", "--num_timesteps", 8, "--batch_size", 4, "--num_workers", 0,
+              "--device", "cpu", "--ema_decay", 0.9]
+    run("train.py", *common, "--dname", "full", "--num_iters", 3)
+    run("train.py", *common, "--dname", "slim", "--num_iters", 3, "--keep_training_state", "until_done")
+    full, slim = (tmp_path / f"checkpoints/toy/{d}/checkpoint.pt" for d in ("full", "slim"))
+    full_ckpt, slim_ckpt = load(full), load(slim)
+    assert {"optimizer", "scaler", "model"} <= set(full_ckpt) and not {"optimizer", "scaler", "model"} & set(slim_ckpt)
+    assert slim_ckpt["step"] == 3 and slim_ckpt["training_state"] == "dropped"
+    assert all(torch.equal(slim_ckpt["G"][k], full_ckpt["G"][k]) for k in full_ckpt["G"])  # the same EMA weights
+    assert os.path.getsize(slim) < 0.5 * os.path.getsize(full)
+    again = run("train.py", *common, "--dname", "slim", "--num_iters", 3, "--keep_training_state", "until_done")
+    assert "Nothing to do" in again.stdout
+    refused = run("train.py", *common, "--dname", "slim", "--num_iters", 5, check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "without its optimizer state" in refused.stderr and load(slim)["step"] == 3
+    run("distillate.py", "--module", "toy_u", "--name", "toy", "--dname", "student", "--base_checkpoint", slim,
+        "--num_iters", 2, "--batch_size", 4, "--num_workers", 0, "--device", "cpu", "--keep_training_state", "until_done")
+    assert load(tmp_path / "checkpoints/toy/student/checkpoint.pt")["training_state"] == "dropped"
+    run("train.py", *common, "--dname", "cut", "--num_iters", 6, "--stop_at", 2, "--keep_training_state", "until_done")
+    assert "optimizer" in load(tmp_path / "checkpoints/toy/cut/checkpoint.pt")
