@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One prepared check for a machine with an NVIDIA GPU (H100/H200), about 8 minutes in all:
+# One prepared check for a machine with an NVIDIA GPU (H100/H200), about 9 minutes in all:
 #   tiny      train.py -> distillate.py -> sample.py on CUDA with --amp bf16 --channels_last True
-#             --compile True (digits_u, 16 steps), exit codes and the checkpoints/samples checked
-#   fp32      bench/bench.py, CelebA configuration (celeba_u, 256x256), fp32 eager: the baseline
+#             --compile True (digits_u, 16 steps; the non-finite guard in the fused optimizer), exit codes and
+#             the checkpoints/samples checked; evaluate.py on the shipped digits chain on CUDA (500 images)
+#   stream    sample.py writing 20,000 images in shards on CUDA (bench/sample_memory.py: peak host memory
+#             against 2,000, and a killed run resumed to the same file)
+#   fp32      bench/bench.py, CelebA configuration (celeba_u, 256x256), fp32 eager: the baseline, with the
+#             per-image noise against randn_like on the GPU and every sampler through generate
 #   compile   the same with bf16 autocast + channels_last + torch.compile, against the baseline
 #   memory    peak memory of CelebA train steps with and without --grad_checkpoint (bf16, channels_last)
 #   torchrun  train.py under torchrun on the GPU(s); with one GPU also 2 processes on the CPU (gloo)
 # Usage, from anywhere:  bash bench/gpu_check.sh   (exit status 0 when every step that ran passed)
 # Everything lands in $OUT (default bench/out): gpu_check.log and three bench_celeba_*.json.
-# Settings: PY (python to use), STEPS (default "tiny fp32 compile memory torchrun"), BATCH (CelebA
+# Settings: PY (python to use), STEPS (default "tiny stream fp32 compile memory torchrun"), BATCH (CelebA
 # batch, default 16), BUDGET (seconds for all steps, default 540; a step that would start with under 20 s
 # left is skipped, every step also has its own timeout), BENCH_EXTRA (more bench.py flags, appended).
 # Dry run of this script's logic without a GPU (tiny, slow): DEVICE=cpu COMPILE=False BATCH=1
@@ -22,7 +26,7 @@ ROOT=$PWD
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-STEPS=${STEPS:-tiny fp32 compile memory torchrun}
+STEPS=${STEPS:-tiny stream fp32 compile memory torchrun}
 DEVICE=${DEVICE:-cuda}
 COMPILE=${COMPILE:-True}
 read -r -a EXTRA <<<"${BENCH_EXTRA:-}"
@@ -100,7 +104,7 @@ if wants tiny; then
         --base_checkpoint checkpoints/gc/base/checkpoint.pt --num_iters 20 --batch_size 64 --log_every 10 &&
     step tiny_sample 120 "$PY" "$ROOT/sample.py" --module digits_u --device $DEVICE --amp bf16 --channels_last True \
         --compile "$COMPILE" --checkpoint checkpoints/gc/student/checkpoint.pt --batch_size 64 --clipped_sampling True \
-        --out_file samples.png --out_npz samples.npz &&
+        --out_file samples.png --out_npz samples.npz --float_samples True &&
     step tiny_verify 60 "$PY" -c "
 import numpy as np, torch
 base = torch.load('checkpoints/gc/base/checkpoint.pt', weights_only=True)
@@ -114,6 +118,15 @@ assert s.shape == (64, 1, 8, 8) and np.isfinite(s).all() and s.min() >= -1 and s
 print('tiny run verified: checkpoints load (weights_only), steps and stages right, 64 finite samples in [-1, 1]')
 "
     cd "$ROOT"
+    step tiny_evaluate 180 "$PY" evaluate.py --module digits_u --checkpoints checkpoints/digits/original/checkpoint.pt \
+        checkpoints/digits/base_4/checkpoint.pt checkpoints/digits/base_5/checkpoint.pt --nfe 4,8 --samplers ddim,ancestral \
+        --distilled_samplers ddim --num_images 500 --chunk_size 500 --device $DEVICE --out "$OUT/gpu_evaluate"
+fi
+
+# -- stream: sample.py at scale ---------------------------------------------------------------------
+if wants stream; then
+    step sample_stream 240 "$PY" bench/sample_memory.py --counts 2000,20000 --device $DEVICE --chunk_size 1000 \
+        --json "$OUT/sample_memory_$DEVICE.json"
 fi
 
 # -- the CelebA benchmarks ------------------------------------------------------------------------
@@ -122,7 +135,7 @@ BENCH=(--module celeba_u --device "$DEVICE" --batch_size "$BATCH" --iters 10 --w
 BASE_JSON=$OUT/bench_celeba_fp32_eager.json
 if wants fp32; then
     step bench_fp32_eager 150 "$PY" bench/bench.py "${BENCH[@]}" --amp no \
-        --only matmul,flops,train,distill,sampler,sampling --json "$BASE_JSON" "${EXTRA[@]}"
+        --only matmul,flops,train,distill,noise,sampler,sampling --json "$BASE_JSON" "${EXTRA[@]}"
 fi
 if wants compile; then
     step bench_bf16_compile 300 "$PY" bench/bench.py "${BENCH[@]}" --amp bf16 --channels_last True --compile "$COMPILE" \

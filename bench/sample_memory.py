@@ -50,7 +50,7 @@ def run_sample(folder, count, out, args, wait_for_shard=None):
                OMP_NUM_THREADS=str(args.threads))
     command = [sys.executable, os.path.join(ROOT, "sample.py"), "--module", "sample_memory", "--checkpoint", "net.pt",
                "--sampler", "ddim", "--steps", "1", "--num_images", str(count), "--shard_size", str(args.shard_size),
-               "--chunk_size", str(args.chunk_size), "--out_npz", out, "--device", "cpu"]
+               "--chunk_size", str(args.chunk_size), "--out_npz", out, "--device", args.device]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed = False
@@ -73,10 +73,11 @@ def main():
     parser.add_argument("--shard_size", type=int, default=1000)
     parser.add_argument("--chunk_size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where sample.py runs (cpu, cuda)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
-    results = {"shard_size": args.shard_size, "chunk_size": args.chunk_size, "image_shape": [3, 64, 64], "runs": {}}
+    results = {"device": args.device, "shard_size": args.shard_size, "chunk_size": args.chunk_size, "image_shape": [3, 64, 64], "runs": {}}
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         torch.save({"G": make_model().state_dict(), "n_timesteps": 8, "time_scale": 1}, os.path.join(folder, "net.pt"))
