@@ -6,13 +6,14 @@
 A small convolutional network on 3x64x64 images (this file's make_model; one DDIM step, so that the set is
 written quickly) is saved as a checkpoint; sample.py runs in a fresh process for each count with --out_npz
 (shards of --shard_size images, then the streamed npz) and its peak RSS is read from the kernel
-(getrusage of the finished child: ru_maxrss). Then a run of the largest count is killed once its fifth shard is
+(wait4 of the finished child: ru_maxrss), the median of --repeats runs. Then a run of the largest count is killed once its fifth shard is
 on disk, resumed, and its npz compared byte for byte with the uninterrupted one.
 """
 import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,8 @@ def main():
     parser.add_argument("--shard_size", type=int, default=1000)
     parser.add_argument("--chunk_size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per count; the median peak counts (the RSS of "
+                                                                  "torch's start varies by tens of MiB between runs)")
     parser.add_argument("--device", default="cpu", help="where sample.py runs (cpu, cuda)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
@@ -82,15 +85,20 @@ def main():
         torch.manual_seed(0)
         torch.save({"G": make_model().state_dict(), "n_timesteps": 8, "time_scale": 1}, os.path.join(folder, "net.pt"))
         for count in counts:
-            peak, seconds, _ = run_sample(folder, count, f"set_{count}.npz", args)
-            results["runs"][str(count)] = {"peak_rss_mib": peak, "seconds": seconds,
-                                           "npz_bytes": os.path.getsize(os.path.join(folder, f"set_{count}.npz"))}
-            print(f"{count:6d} images: peak RSS {peak:7.1f} MiB, {seconds:6.1f} s")
+            peaks = []
+            for repeat in range(args.repeats):  # a fresh sample folder each time
+                peak, seconds, _ = run_sample(folder, count, f"set_{count}_{repeat}.npz", args)
+                peaks.append(peak)
+            peak = statistics.median(peaks)
+            results["runs"][str(count)] = {"peak_rss_mib": peak, "peak_rss_mib_each": peaks, "seconds": seconds,
+                                           "npz_bytes": os.path.getsize(os.path.join(folder, f"set_{count}_0.npz"))}
+            print(f"{count:6d} images: peak RSS {peak:7.1f} MiB (median of {', '.join(f'{p:.0f}' for p in peaks)}), "
+                  f"{seconds:6.1f} s")
         largest = max(counts)
         run_sample(folder, largest, "resumed.npz", args, wait_for_shard=4)
         shards = len([f for f in os.listdir(os.path.join(folder, "resumed_shards")) if f.endswith(".npz")])
         run_sample(folder, largest, "resumed.npz", args)
-        with open(os.path.join(folder, "resumed.npz"), "rb") as a, open(os.path.join(folder, f"set_{largest}.npz"), "rb") as b:
+        with open(os.path.join(folder, "resumed.npz"), "rb") as a, open(os.path.join(folder, f"set_{largest}_0.npz"), "rb") as b:
             same = a.read() == b.read()
         results["resume"] = {"images": largest, "shards_before_the_kill": shards, "same_file": same}
         print(f"killed with {shards} shards on disk, resumed: the same file as the uninterrupted run: {same}")

@@ -237,7 +237,7 @@ def test_a_finished_run_can_drop_its_training_state(run, tmp_path):
     assert {"optimizer", "scaler", "model"} <= set(full_ckpt) and not {"optimizer", "scaler", "model"} & set(slim_ckpt)
     assert slim_ckpt["step"] == 3 and slim_ckpt["training_state"] == "dropped"
     assert all(torch.equal(slim_ckpt["G"][k], full_ckpt["G"][k]) for k in full_ckpt["G"])  # the same EMA weights
-    assert os.path.getsize(slim) < 0.5 * os.path.getsize(full)
+    assert os.path.getsize(slim) < 0.3 * os.path.getsize(full)  # G of G + raw weights + AdamW's two moments
     again = run("train.py", *common, "--dname", "slim", "--num_iters", 3, "--keep_training_state", "until_done")
     assert "Nothing to do" in again.stdout
     refused = run("train.py", *common, "--dname", "slim", "--num_iters", 5, check=False)
