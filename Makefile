@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed  ## sample the shipped digits checkpoints (unconditional and guided) and print their evaluation tables
 	$(PY) demo.py
 
-test: $(VENV)/.installed  ## the test suite (about 13.5 minutes on 2 CPU cores)
+test: $(VENV)/.installed  ## the test suite (about 7 minutes on 2 CPU cores, on a fresh clone)
 	$(PY) -m pytest -q tests
 
 evaluate: $(VENV)/.installed  ## every measure against NFE for the shipped digits models: checkpoints/digits/evaluation.md, .csv, .png

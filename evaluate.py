@@ -52,7 +52,6 @@ import time
 import torch
 from torch.utils.data import DataLoader, Subset
 
-import fid
 import metrics
 import samplers
 import seeding
@@ -299,42 +298,6 @@ def n_paired(args):
     return min(args.num_paired, args.num_images)
 
 
-class Measures:
-    """Every measure of a set of images against the reference features (metrics.py, fid.py)."""
-
-    def __init__(self, reference, args):
-        self.reference, self.args = reference, args
-        self.radii = metrics.kth_neighbour_distances(reference, KNN)
-
-    def __call__(self, features, pixel_rmse, feature_distance):
-        """A row's measures from its features [N, D] and the per-image paired values [n_paired]; beside the
-        columns, the draws behind its error bars (fid_draws, kid_draws, the per-image pixel_rmse), which depend
-        only on (seed, N, reference size): rows of one evaluation compared draw by draw are paired."""
-        args = self.args
-        kid, kid_sd, kid_draws = metrics.kid(features, self.reference, args.kid_subset_size, args.kid_subsets, args.seed)
-        fid_draws = metrics.bootstrap_draws(fid.fid_from_features, features, self.reference, args.fid_bootstrap, args.seed)
-        density, coverage = metrics.density_coverage(self.reference, features, KNN, radii=self.radii)
-        rmse, rmse_se = metrics.mean_and_standard_error(pixel_rmse)
-        distance, distance_se = metrics.mean_and_standard_error(feature_distance)
-        return dict(fid=fid.fid_from_features(features, self.reference), fid_sd=metrics.spread(fid_draws),
-                    kid=kid, kid_sd=kid_sd, density=density, coverage=coverage, paired_rmse=rmse,
-                    paired_rmse_se=rmse_se, paired_feature_distance=distance, paired_feature_distance_se=distance_se,
-                    n_samples=features.shape[0], n_reference=self.reference.shape[0], n_paired=pixel_rmse.shape[0],
-                    fid_draws=fid_draws, kid_draws=kid_draws, pixel_rmse=metrics._as_float64(pixel_rmse))
-
-
-def paired_columns(row, reference):
-    """FID and KID of a row minus those of its reference row (the all-steps DDIM of the same noise and w), each
-    ± the standard deviation of the difference over the shared resamples (the paired bootstrap); with a
-    classifier, the accuracy minus the reference's ± the standard error of the per-image difference."""
-    accuracy = {}
-    if row.get("hits") is not None and reference.get("hits") is not None:
-        diff, diff_se = metrics.mean_and_standard_error(row["hits"].double() - reference["hits"].double())
-        accuracy = dict(accuracy_diff=diff, accuracy_diff_se=diff_se)
-    return dict(**accuracy, fid_diff=row["fid"] - reference["fid"], fid_diff_sd=metrics.paired_std(row["fid_draws"], reference["fid_draws"]),
-                kid_diff=row["kid"] - reference["kid"], kid_diff_sd=metrics.paired_std(row["kid_draws"], reference["kid_draws"]))
-
-
 @main_guard
 def main(argv=None):
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -353,7 +316,7 @@ def main(argv=None):
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(args.out + "_tb")  # the first thing written: every check above has passed
     reference_features, _, reference_accuracy = read_real(reference_set, features, data_order, args, classifier)
-    measures = Measures(reference_features, args)
+    measures = metrics.Measures(reference_features, args.kid_subset_size, args.kid_subsets, args.fid_bootstrap, args.seed)
     floor_features, floor_images, floor_accuracy = read_real(floor_set, features, data_order, args, classifier)
     paired_features = floor_features[:n_paired(args)]  # real image i against real image i+1: unrelated pairs
     floor = dict(model="floor", steps="", sampler="real", nfe="", w="", seconds="", checkpoint="",
@@ -399,7 +362,7 @@ def sample_rows(plan, module, info, features, classifier, measures, writer, args
                    **measures(sample_features, metrics.paired_rmse(samples, reference[0]),
                                 metrics.paired_distances(paired_features, reference[1])))
         row["hits"] = hits
-        row.update(paired_columns(row, reference_rows.setdefault(w, row)))
+        row.update(metrics.paired_columns(row, reference_rows.setdefault(w, row)))
         row["seconds"] = round(time.perf_counter() - started, 2)
         rows.append(row)
         guided = "" if w is None else f"w {w:g}, " + (f"accuracy {accuracy:.3f}, " if accuracy is not None else "")

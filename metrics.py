@@ -11,6 +11,7 @@
   E[coverage] = 1 - prod_{j=1..k} (N - j)/(N + M - j) (their Lemma 2), about 1 - 2^-k for M = N.
 - Paired agreement: per-item distances between two aligned sets (a sample and the reference sample
   drawn from the same noise), reported as mean and standard error.
+- Measures: all of these for one row of an evaluation, and paired_columns, a row against its reference row.
 - Error bars by the bootstrap, both sets resampled; the resamples depend only on the seed and the set sizes,
   so the difference between two rows generated from the same noise has a paired error bar; and the NFE at
   which a curve reaches a target.
@@ -19,6 +20,7 @@ import math
 
 import torch
 
+import fid
 import seeding
 
 KNN = 5  # k of density and coverage in the evaluation (Naeem et al. 2020)
@@ -189,3 +191,43 @@ def nfe_to_reach(curve, target):
             fraction = (v0 - target) / (v0 - v1)
             return math.exp(math.log(n0) + fraction * (math.log(n1) - math.log(n0))), "="
     return points[-1][0], ">"
+
+
+# -- the measures of one row of an evaluation ---------------------------------------------------------
+
+class Measures:
+    """Every measure of evaluate.py's rows against one set of reference features: FID (fid.py) and its bootstrap
+    draws, KID and its subsets, density and coverage, and the paired values' means and standard errors."""
+
+    def __init__(self, reference, kid_subset_size=1000, kid_subsets=100, fid_bootstrap=50, seed=0):
+        self.reference = reference
+        self.kid_subset_size, self.kid_subsets, self.fid_bootstrap, self.seed = kid_subset_size, kid_subsets, fid_bootstrap, seed
+        self.radii = kth_neighbour_distances(reference, KNN)
+
+    def __call__(self, features, pixel_rmse, feature_distance):
+        """A row's measures from its features [N, D] and the per-image paired values [n_paired]; beside the
+        columns, the draws behind its error bars (fid_draws, kid_draws, the per-image pixel_rmse), which depend
+        only on (seed, N, reference size): rows of one evaluation compared draw by draw are paired."""
+        kid_mean, kid_sd, kid_draws = kid(features, self.reference, self.kid_subset_size, self.kid_subsets, self.seed)
+        fid_draws = bootstrap_draws(fid.fid_from_features, features, self.reference, self.fid_bootstrap, self.seed)
+        density, coverage = density_coverage(self.reference, features, KNN, radii=self.radii)
+        rmse, rmse_se = mean_and_standard_error(pixel_rmse)
+        distance, distance_se = mean_and_standard_error(feature_distance)
+        return dict(fid=fid.fid_from_features(features, self.reference), fid_sd=spread(fid_draws),
+                    kid=kid_mean, kid_sd=kid_sd, density=density, coverage=coverage, paired_rmse=rmse,
+                    paired_rmse_se=rmse_se, paired_feature_distance=distance, paired_feature_distance_se=distance_se,
+                    n_samples=features.shape[0], n_reference=self.reference.shape[0], n_paired=pixel_rmse.shape[0],
+                    fid_draws=fid_draws, kid_draws=kid_draws, pixel_rmse=_as_float64(pixel_rmse))
+
+
+def paired_columns(row, reference):
+    """FID and KID of a row minus those of its reference row (the all-steps DDIM of the same noise and w), each
+    ± the standard deviation of the difference over the shared resamples (the paired bootstrap); with a
+    classifier, the accuracy minus the reference's ± the standard error of the per-image difference."""
+    accuracy = {}
+    if row.get("hits") is not None and reference.get("hits") is not None:
+        diff, diff_se = mean_and_standard_error(row["hits"].double() - reference["hits"].double())
+        accuracy = dict(accuracy_diff=diff, accuracy_diff_se=diff_se)
+    return dict(**accuracy, fid_diff=row["fid"] - reference["fid"],
+                fid_diff_sd=paired_std(row["fid_draws"], reference["fid_draws"]), kid_diff=row["kid"] - reference["kid"],
+                kid_diff_sd=paired_std(row["kid_draws"], reference["kid_draws"]))

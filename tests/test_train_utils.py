@@ -24,7 +24,8 @@ from lr_schedules import get_lr
 from original import one_cycle
 from runtime import RunContext
 from train_flags import distill_argument_parser, train_argument_parser
-from train_utils import EMA, LossLog, Stage, draw_step, preview, tensorboard, train
+from train_log import LossLog, preview, tensorboard
+from train_utils import EMA, Stage, draw_step, train
 from training_data import InfiniteShardSampler, make_loader
 
 
