@@ -2,7 +2,7 @@
 # One prepared check for a machine with an NVIDIA GPU (H100/H200), about 9 minutes in all:
 #   tiny      train.py -> distillate.py -> sample.py on CUDA with --amp bf16 --channels_last True
 #             --compile True (digits_u, 16 steps; the non-finite guard in the fused optimizer), exit codes and
-#             the checkpoints/samples checked; evaluate.py on the shipped digits chain on CUDA (500 images)
+#             the checkpoints/samples checked; evaluate.py on the shipped digits chain on CUDA (200 images)
 #   stream    sample.py writing 20,000 images in shards on CUDA (bench/sample_memory.py: peak host memory
 #             against 2,000, and a killed run resumed to the same file)
 #   fp32      bench/bench.py, CelebA configuration (celeba_u, 256x256), fp32 eager: the baseline, with the
@@ -120,12 +120,12 @@ print('tiny run verified: checkpoints load (weights_only), steps and stages righ
     cd "$ROOT"
     step tiny_evaluate 180 "$PY" evaluate.py --module digits_u --checkpoints checkpoints/digits/original/checkpoint.pt \
         checkpoints/digits/base_4/checkpoint.pt checkpoints/digits/base_5/checkpoint.pt --nfe 4,8 --samplers ddim,ancestral \
-        --distilled_samplers ddim --num_images 500 --chunk_size 500 --device $DEVICE --out "$OUT/gpu_evaluate"
+        --distilled_samplers ddim --num_images 200 --chunk_size 200 --device $DEVICE --out "$OUT/gpu_evaluate"
 fi
 
 # -- stream: sample.py at scale ---------------------------------------------------------------------
 if wants stream; then
-    step sample_stream 240 "$PY" bench/sample_memory.py --counts 2000,20000 --device $DEVICE --chunk_size 1000 \
+    step sample_stream 150 "$PY" bench/sample_memory.py --counts 2000,20000 --repeats 1 --device $DEVICE --chunk_size 1000 \
         --json "$OUT/sample_memory_$DEVICE.json"
 fi
 
