@@ -43,7 +43,8 @@ def headline(rows, match_steps, n_draws=50, seed=0):
              f"speed-up = NFE / {match_steps}; > and ≤: beyond the measured NFE. DDIM's paired curve ends at the "
              "reference itself (RMSE 0 at all steps).", "",
              "| sampler | NFE to match FID | speed-up | NFE to match paired RMSE | speed-up |", "|---|---:|---:|---:|---:|"]
-    rmse_draws = {id(r): metrics.bootstrap_means(r["pixel_rmse"], n_draws, seed) for r in rows[1:]}
+    rmse_draws = {id(r): metrics.bootstrap_means(r["pixel_rmse"], n_draws, seed)
+                  for r in rows if r["model"] == "base" or r is target}
     base_samplers = list(dict.fromkeys(r["sampler"] for r in rows if r["model"] == "base"))
     for name in base_samplers:
         curve_rows = [r for r in rows if r["model"] == "base" and r["sampler"] == name]

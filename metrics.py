@@ -72,7 +72,7 @@ def kid(a, b, subset_size=1000, n_subsets=100, seed=0):
         i, j = torch.randint(a.shape[0], (size,), generator=g), torch.randint(b.shape[0], (size,), generator=g)
         values.append(mmd2_unbiased(a[i], b[j], i, j))
     values = torch.tensor(values, dtype=torch.float64)
-    return float(values.mean()), float(values.std()) if n_subsets > 1 else 0.0, values
+    return float(values.mean()), spread(values), values
 
 
 # -- density and coverage ----------------------------------------------------------------------

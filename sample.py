@@ -152,10 +152,15 @@ def main(argv=None):
                            progress=ctx.is_main, prediction=checkpoint_prediction(ckpt))
     samples = gather_in_order(ctx, samples, args.num_images)
     if ctx.is_main:
-        if bgr and samples.shape[1] == 3:
-            samples = samples.flip(1)
-        save_picture((samples.clamp(-1, 1) + 1) / 2, args.out_file, per_row)
+        save_picture((shown(samples, bgr) + 1) / 2, args.out_file, per_row)
     return finish(ctx)
+
+
+def shown(samples, bgr):
+    """Samples as they are shown and stored: RGB (a BGR network's flipped) and clamped to [-1, 1]."""
+    if bgr and samples.shape[1] == 3:
+        samples = samples.flip(1)
+    return samples.clamp(-1, 1)
 
 
 def shard_folder(args):
@@ -195,20 +200,15 @@ def write_sample_set(args, ctx, folder, net, grid, spec, shape, bgr, extra_args,
 
     def write_missing():
         with bar:  # closed (its line ended) before any message
-            write_shards()
-
-    def write_shards():
-        for k, start, end in todo:
-            indices = range(start, end)
-            with ctx.autocast():
-                samples = generate(net, grid, spec, indices, shape, args.seed, extra_args=images_of(extra_args, indices),
-                                   device=ctx.device, chunk_size=args.chunk_size, channels_last=args.channels_last,
-                                   prediction=checkpoint_prediction(ckpt))
-            if bgr and samples.shape[1] == 3:
-                samples = samples.flip(1)
-            sample_shards.write_shard(folder, k, start, samples.clamp(-1, 1),
-                                      None if labels is None else labels[start:end].cpu(), args.float_samples)
-            bar.update(end - start)
+            for k, start, end in todo:
+                indices = range(start, end)
+                with ctx.autocast():
+                    samples = generate(net, grid, spec, indices, shape, args.seed, extra_args=images_of(extra_args, indices),
+                                       device=ctx.device, chunk_size=args.chunk_size, channels_last=args.channels_last,
+                                       prediction=checkpoint_prediction(ckpt))
+                sample_shards.write_shard(folder, k, start, shown(samples, bgr),
+                                          None if labels is None else labels[start:end].cpu(), args.float_samples)
+                bar.update(end - start)
 
     ctx.raise_together(_shard_error(write_missing))
     if ctx.is_main:
@@ -238,12 +238,10 @@ def check_outputs(args):
     if not args.out_file and not args.out_npz and not args.out_dir:
         raise UserError("nothing to write: give --out_file PATH.png, --out_npz PATH.npz and/or --out_dir FOLDER")
     folder = shard_folder(args)
-    if folder and os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"cannot use {folder} as the sample folder: it is a file")
-    first_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun the others may see it being created
-    if (first_process and folder and os.path.isdir(folder) and os.listdir(folder)
-            and not os.path.exists(os.path.join(folder, sample_shards.MANIFEST))):
-        raise UserError(f"{folder} exists and is not a sample folder of sample.py (no {sample_shards.MANIFEST}); choose another")
+    if folder and int(os.environ.get("RANK", "0")) == 0:  # under torchrun the others may see it being created
+        error = _shard_error(lambda: sample_shards.check_usable(folder))
+        if error is not None:
+            raise error
     if args.trajectory and not args.out_file:
         raise UserError("--trajectory True draws a picture: give --out_file PATH.png")
     if args.out_file and os.path.splitext(args.out_file)[1].lower() not in IMAGE_EXTENSIONS:

@@ -50,6 +50,24 @@ def _settings_text(settings):
     return json.dumps(settings, indent=1, sort_keys=True)
 
 
+def check_usable(folder):
+    """ShardError when `folder` cannot become or be a sample folder: a file, or a non-empty folder without a
+    manifest (not written by sample.py)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ShardError(f"cannot use {folder} as the sample folder: it is a file")
+    if os.path.isdir(folder) and os.listdir(folder) and not os.path.exists(os.path.join(folder, MANIFEST)):
+        raise ShardError(f"{folder} exists and is not a sample folder of sample.py (no {MANIFEST}); choose another")
+
+
+def _write_error(path, folder, error):
+    """The ShardError of a failed write of `path` (an OSError), a full disk said as such."""
+    kept = f"the finished shards in {folder} are intact"
+    if error.errno == errno.ENOSPC:
+        return ShardError(f"no space left on the device while writing {path}; {kept}: free some space and rerun the "
+                          "same command to finish")
+    return ShardError(f"cannot write {path} ({error.strerror or error}); {kept}: rerun the same command to finish")
+
+
 def open_folder(folder, settings, create=True):
     """Check `folder` against `settings` (a JSON-able dict); create it with its manifest if new and `create`
     (else its manifest must be there). ShardError when it holds another run's shards (naming the settings that
@@ -70,13 +88,12 @@ def open_folder(folder, settings, create=True):
             raise ShardError(f"{folder} holds the shards of another sampling run ({shown}); rerun with its settings to "
                              "finish it, or choose another folder")
         return
-    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise ShardError(f"{folder} exists and is not a sample folder of sample.py (no {MANIFEST}); choose another")
+    check_usable(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         _write_atomically(path, lambda f: f.write(_settings_text(settings).encode()))
     except OSError as e:
-        raise ShardError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _write_error(path, folder, e) from None
 
 
 def _write_atomically(path, write):
@@ -138,10 +155,7 @@ def write_shard(folder, k, start, samples, labels=None, float_copies=False):
     try:
         _write_atomically(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise ShardError(f"no space left on the device while writing {path}; the finished shards in {folder} "
-                             "are intact: free some space and rerun the same command to finish") from None
-        raise ShardError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _write_error(path, folder, e) from None
 
 
 def check_complete(folder, num_images, shard_size):
@@ -184,5 +198,4 @@ def assemble(folder, out_path, num_images, shard_size, keys):
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         _write_atomically(out_path, write)
     except OSError as e:
-        reason = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise ShardError(f"cannot write {out_path}: {reason}; the shards in {folder} are intact, rerun to retry") from None
+        raise _write_error(out_path, folder, e) from None

@@ -94,10 +94,10 @@ def image_randn(indices, shape, seed, *keys, dtype=torch.float32, device="cpu"):
     rows = max(1, _BLOCK // half) if index.device.type == "cpu" else len(indices)  # CPU: blocks that stay in cache
     word = scratch = None
     for start in range(0, len(indices), rows):
-        keys_ = image_key[start:start + rows]
-        if word is None or word.shape[1] != len(keys_):
-            word, scratch = (torch.empty(2, len(keys_), half, dtype=torch.int32, device=device) for _ in range(2))
-        torch.bitwise_xor(counter, keys_.view(1, -1, 1), out=word)  # [2, rows, m]: the words of u and of u'
+        block_keys = image_key[start:start + rows]
+        if word is None or word.shape[1] != len(block_keys):
+            word, scratch = (torch.empty(2, len(block_keys), half, dtype=torch.int32, device=device) for _ in range(2))
+        torch.bitwise_xor(counter, block_keys.view(1, -1, 1), out=word)  # [2, rows, m]: the words of u and of u'
         _hash32(word, scratch, ((0, 0x7FEB352D),) + _ROUNDS[1:])  # both inputs are hashes: no first shift
         torch.bitwise_right_shift(word, 8, out=scratch).bitwise_and_(0xFFFFFF)
         uniform = word.view(torch.float32).copy_(scratch).mul_(2.0 ** -24)  # the top 24 bits, exact in float32

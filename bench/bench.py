@@ -263,9 +263,15 @@ def count_flops(b, batch):
 
 
 def _count_flops(b, batch):
-    model = make_user_model(b.module).to("meta").train()
-    x = torch.empty([batch] + b.shape, device="meta")
-    t = torch.zeros(batch, device="meta")
+    return network_flops(make_user_model(b.module), [batch] + b.shape)
+
+
+def network_flops(model, x_shape):
+    """(forward, forward+backward) FLOPs of `model` on inputs of x_shape [B, C, H, W], counted on the meta device
+    (the model is moved there: no weights, no data)."""
+    model = model.to("meta").train()
+    x = torch.empty(x_shape, device="meta")
+    t = torch.zeros(x_shape[0], device="meta")
     with FlopCounterMode(display=False) as counter:
         with torch.no_grad():
             model(x, t)

@@ -15,16 +15,14 @@ import argparse
 import os
 import sys
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench import network_flops  # noqa: E402  (bench/bench.py, beside this file)
 from user_modules import load_user_module, make_user_model  # noqa: E402
 
-# (name, what it is, images per halving = batch x updates, halvings, the base model's steps)
+# (name, what it is, images per halving = batch x updates)
 RECIPES = [
     ("paper", "Salimans & Ho 2022, official configs: batch 128, 50k updates per halving, lr 5e-5 annealed "
               "linearly to 0, no EMA for students, gradient clipping at 1 (distillate.py --batch_size 128 "
@@ -35,18 +33,13 @@ RECIPES = [
 
 
 def counted_flops(module, resolution):
-    """(forward, forward+backward) FLOPs of one image through the module's network, counted on the meta device."""
-    model = make_user_model(module).to("meta").train()
+    """(forward, forward+backward) FLOPs of one image through the module's network, and its image shape."""
+    model = make_user_model(module)
     _, c, h, w = model.image_size
     if resolution:
         h = w = resolution
-    x, t = torch.empty([1, c, h, w], device="meta"), torch.zeros(1, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, t)
-    forward = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        model(x, t).float().square().mean().backward()
-    return forward, counter.get_total_flops(), [c, h, w]
+    forward, backward = network_flops(model, [1, c, h, w])
+    return forward, backward, [c, h, w]
 
 
 def main():
