@@ -30,6 +30,13 @@ Writes OUT.csv (one row per model, sampler and NFE), OUT.md (the table and the h
 training-free sampler needs to match the distilled --match_steps-step model), OUT.png (each measure
 against NFE) and TensorBoard logs in OUT_tb/.
 
+Sets sampled elsewhere (sample.py --out_dir on many GPUs, say) are scored with --samples instead of
+--checkpoints: sample folders or npz files against --reference, one row per set, under torchrun if wanted
+(set_evaluation.py; the FID-50k protocol is in the README):
+
+    torchrun --nproc_per_node 8 evaluate.py --module celeba_u --samples samples/base_6 samples/base_5 \
+        --reference train --features inception --inception_weights pt_inception-2015-12-05-6726825d.pth --out fid50k
+
 A class-conditional set (a base trained for classifier-free guidance, stage one of guidance distillation
 and its halvings; distillate.py --guidance_distill True) is measured at every guidance weight of --guidance:
 
@@ -55,6 +62,7 @@ from torch.utils.data import DataLoader, Subset
 import metrics
 import samplers
 import seeding
+import set_evaluation
 from checkpoints import (check_guidance_weight, checkpoint_channel_order, checkpoint_conditioning, checkpoint_prediction,
                          load_checkpoint)
 from cli import (ArgumentParser, UserError, add_common_arguments, int_list, main_guard, nonnegative_float,
@@ -67,7 +75,7 @@ from runtime import choose_device
 from sample_utils import SamplerSpec, generate, nfe, spec_grid
 from samplers import LABELS
 from user_modules import (data_channel_order, extra_args_fn, guided_network, load_model_from_checkpoint,
-                          load_user_module, make_user_dataset, to_channel_order)
+                          load_user_module, reference_data, to_channel_order)
 
 ALL_STEPS_SAMPLERS = ("ddim", "ancestral")  # also run through all N steps of the base model
 BASE_SAMPLERS = ["ancestral", "ddim", "dpmpp_2m", "stochastic"]  # unset --samplers, unconditional base
@@ -90,10 +98,21 @@ def sampler_list(value):
 def make_argument_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="the base checkpoint and its distilled stages")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoints", nargs="+", help="the base checkpoint and its distilled stages (one process)")
+    what.add_argument("--samples", nargs="+",
+                      help="sample folders of sample.py (or npz files of uint8 images) to score instead of sampling; "
+                           "the first is the paired reference row (set_evaluation.py; runs under torchrun)")
+    parser.add_argument("--reference", default=None,
+                        help="--samples: the real images, a sample folder or npz, or 'train' for all of make_dataset() "
+                             "(unset: as --held_out says)")
+    parser.add_argument("--inception_weights", default=None,
+                        help="--features inception: pytorch-fid's FID weights file pt_inception-2015-12-05-6726825d.pth "
+                             "(unset: downloaded into torch hub's cache)")
     parser.add_argument("--out", required=True, help="output prefix: OUT.md, OUT.csv, OUT.png, OUT_tb/")
     parser.add_argument("--num_images", "--num_samples", dest="num_images", type=positive_int, default=1000,
-                        help="generated images per row (at least 2), and real images of the floor")
+                        help="--checkpoints: generated images per row (at least 2), and real images of the floor "
+                             "(--samples scores every image of each set)")
     parser.add_argument("--chunk_size", type=positive_int, default=256,
                         help="images per network call (and per batch of real images)")
     parser.add_argument("--num_paired", type=positive_int, default=1000,
@@ -234,18 +253,7 @@ def conditioning_for(module, record, w, device):
 
 def real_datasets(module, args):
     """(reference data set, floor data set of --num_images images disjoint from it)."""
-    dataset = make_user_dataset(module)
-    if args.held_out:
-        if args.held_out >= len(dataset):
-            raise UserError(f"--held_out {args.held_out} leaves no images of the {len(dataset)} in make_dataset()")
-        reference = Subset(dataset, range(len(dataset) - args.held_out, len(dataset)))
-        pool = Subset(dataset, range(len(dataset) - args.held_out))
-    else:
-        make_test = getattr(module, "make_test_dataset", None)
-        if make_test is None:
-            raise UserError(f"user module {module.__name__!r} has no make_test_dataset(); give --held_out N to "
-                            "hold out the last N images of make_dataset() as the reference")
-        reference, pool = make_test(), dataset
+    reference, _, pool = reference_data(module, args.held_out)
     if len(reference) <= KNN:
         raise UserError(f"the reference set has {len(reference)} images; density and coverage need more than {KNN}")
     if len(pool) < args.num_images:
@@ -303,14 +311,22 @@ def main(argv=None):
     started, cpu_started = time.perf_counter(), time.process_time()
     args = make_argument_parser().parse_args(argv)
     check_arguments(args)
-    device = choose_device(args.device)
     module = load_user_module(args.module)
+    if args.samples:
+        return set_evaluation.main(args, module)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("evaluate.py --checkpoints runs in one process; under torchrun, write the sample sets with "
+                        "sample.py --out_dir and score them with evaluate.py --samples")
+    if args.reference is not None:
+        raise UserError("--reference is for --samples; with --checkpoints the reference is make_test_dataset() or "
+                        "--held_out N")
+    device = choose_device(args.device)
     base, info, others = checkpoint_set(args.checkpoints)
     plan = evaluation_plan(base, info, others, args)
     conditional = "num_classes" in info[base][2]
     reference_set, floor_set = real_datasets(module, args)
     data_order = data_channel_order(module)
-    features = FeatureSpace(module, args.features, device, data_order, args.chunk_size)
+    features = FeatureSpace(module, args.features, device, data_order, args.chunk_size, args.inception_weights)
     classifier = Classifier.of(module, device, data_order, args.chunk_size) if conditional else None
 
     from torch.utils.tensorboard import SummaryWriter

@@ -8,13 +8,14 @@ from user_modules import to_channel_order
 
 
 class FeatureSpace:
-    """Maps images in [-1, 1], stored in channel order `self.order`, to features [N, D] (float64, CPU)."""
+    """Maps images in [-1, 1], stored in channel order `self.order`, to features [N, D] (float64, CPU);
+    `self.described` names the network and its weights."""
 
-    def __init__(self, module, kind, device, data_order, batch_size):
+    def __init__(self, module, kind, device, data_order, batch_size, inception_weights=None):
         if kind == "inception":
             self.order = "RGB"  # InceptionV3 compares RGB with RGB
             try:
-                net = fid.load_inception(device)
+                net, self.described = fid.load_inception(device, inception_weights)
             except RuntimeError as e:
                 raise UserError(str(e)) from None
             self.extract = lambda images: fid.inception_features(images, device, batch_size, model=net)
@@ -23,6 +24,7 @@ class FeatureSpace:
         if make is None:
             raise UserError(f"user module {module.__name__!r} has no make_feature_extractor(); use --features inception")
         self.order = data_order  # a classifier of the data sees images as the data stores them
+        self.described = f"{module.__name__}.make_feature_extractor()"
         net = make().to(device).eval()
         self.extract = lambda images: torch.cat([net(chunk.to(device)).double().cpu() for chunk in images.split(batch_size)])
 

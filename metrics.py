@@ -205,19 +205,21 @@ class Measures:
         self.radii = kth_neighbour_distances(reference, KNN)
 
     def __call__(self, features, pixel_rmse, feature_distance):
-        """A row's measures from its features [N, D] and the per-image paired values [n_paired]; beside the
+        """A row's measures from its features [N, D] and the per-image paired values [n_paired] (None, None: no
+        paired columns, blank); beside the
         columns, the draws behind its error bars (fid_draws, kid_draws, the per-image pixel_rmse), which depend
         only on (seed, N, reference size): rows of one evaluation compared draw by draw are paired."""
         kid_mean, kid_sd, kid_draws = kid(features, self.reference, self.kid_subset_size, self.kid_subsets, self.seed)
         fid_draws = bootstrap_draws(fid.fid_from_features, features, self.reference, self.fid_bootstrap, self.seed)
         density, coverage = density_coverage(self.reference, features, KNN, radii=self.radii)
-        rmse, rmse_se = mean_and_standard_error(pixel_rmse)
-        distance, distance_se = mean_and_standard_error(feature_distance)
+        unpaired = ("", "") if pixel_rmse is None else None  # no images of the same noise to pair with
+        rmse, rmse_se = unpaired or mean_and_standard_error(pixel_rmse)
+        distance, distance_se = unpaired or mean_and_standard_error(feature_distance)
         return dict(fid=fid.fid_from_features(features, self.reference), fid_sd=spread(fid_draws),
                     kid=kid_mean, kid_sd=kid_sd, density=density, coverage=coverage, paired_rmse=rmse,
                     paired_rmse_se=rmse_se, paired_feature_distance=distance, paired_feature_distance_se=distance_se,
-                    n_samples=features.shape[0], n_reference=self.reference.shape[0], n_paired=pixel_rmse.shape[0],
-                    fid_draws=fid_draws, kid_draws=kid_draws, pixel_rmse=_as_float64(pixel_rmse))
+                    n_samples=features.shape[0], n_reference=self.reference.shape[0], n_paired=0 if unpaired else pixel_rmse.shape[0],
+                    fid_draws=fid_draws, kid_draws=kid_draws, pixel_rmse=None if unpaired else _as_float64(pixel_rmse))
 
 
 def paired_columns(row, reference):

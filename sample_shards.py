@@ -3,8 +3,8 @@
     DIR/manifest.json        what the set is: checkpoint (its size and SHA-256), sampler, grid, seed, guidance,
                              labels, image shape, number of images, shard size; written once, before any shard
     DIR/shard_000000.npz     images [k S, (k+1) S) of shard k: arr_0 uint8 NHWC in guided-diffusion's layout,
-                             arr_1 the class labels of a conditional model, indices, and with float32 copies asked
-                             for, samples (float32 NCHW in [-1, 1])
+                             arr_1 the class labels of a conditional model, indices, the manifest's SHA-256, and
+                             with float32 copies asked for, samples (float32 NCHW in [-1, 1])
 
 Shard k is written by rank k mod W (each torchrun process writes its own shards), to a temporary name renamed
 into place when complete: a shard file is whole or absent, whatever kills the run. A rerun with the same settings
@@ -91,12 +91,12 @@ def open_folder(folder, settings, create=True):
     check_usable(folder)
     try:
         os.makedirs(folder, exist_ok=True)
-        _write_atomically(path, lambda f: f.write(_settings_text(settings).encode()))
+        write_atomically(path, lambda f: f.write(_settings_text(settings).encode()))
     except OSError as e:
         raise _write_error(path, folder, e) from None
 
 
-def _write_atomically(path, write):
+def write_atomically(path, write):
     """write(binary file) into path's temporary sibling, flushed to disk, then renamed into place."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -112,11 +112,13 @@ def _write_atomically(path, write):
 
 
 def shard_is_whole(path, start, end, image_shape, float_copies):
-    """Whether a shard file reads back with the images [start, end) of the shape (H, W, C) asked for."""
+    """Whether a shard file reads back with the images [start, end) of the shape (H, W, C) asked for, written by
+    the run of its folder's manifest."""
     try:
         with np.load(path) as data:
             whole = (data["arr_0"].shape == (end - start, *image_shape) and data["arr_0"].dtype == np.uint8
-                     and np.array_equal(data["indices"], np.arange(start, end)))
+                     and np.array_equal(data["indices"], np.arange(start, end))
+                     and np.array_equal(data["manifest_sha256"], manifest_digest(os.path.dirname(path))))
             if whole and float_copies:
                 whole = data["samples"].shape == (end - start, image_shape[2], image_shape[0], image_shape[1])
             return bool(whole)
@@ -138,6 +140,13 @@ def missing_shards(folder, num_images, shard_size, rank, world_size, image_shape
     return todo
 
 
+def manifest_digest(folder):
+    """The SHA-256 of the folder's manifest as uint8 [32]: each shard carries its run's, so a shard copied from
+    another run's folder is told apart."""
+    with open(os.path.join(folder, MANIFEST), "rb") as f:
+        return np.frombuffer(hashlib.sha256(f.read()).digest(), dtype=np.uint8)
+
+
 def to_uint8(samples):
     """float images [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (guided-diffusion's rounding)."""
     return ((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -146,14 +155,15 @@ def to_uint8(samples):
 def write_shard(folder, k, start, samples, labels=None, float_copies=False):
     """Shard k of images [start, start + len(samples)) from float samples [N, C, H, W] in [-1, 1]. A full disk is
     one line saying so (the finished shards stay); the partial file is removed."""
-    arrays = {"arr_0": to_uint8(samples), "indices": np.arange(start, start + len(samples))}
+    arrays = {"arr_0": to_uint8(samples), "indices": np.arange(start, start + len(samples)),
+              "manifest_sha256": manifest_digest(folder)}  # which run's shard it is
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
     if float_copies:
         arrays["samples"] = samples.numpy().astype(np.float32)
     path = shard_path(folder, k)
     try:
-        _write_atomically(path, lambda f: np.savez(f, **arrays))
+        write_atomically(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
         raise _write_error(path, folder, e) from None
 
@@ -196,6 +206,6 @@ def assemble(folder, out_path, num_images, shard_size, keys):
 
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        _write_atomically(out_path, write)
+        write_atomically(out_path, write)
     except OSError as e:
         raise _write_error(out_path, folder, e) from None

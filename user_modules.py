@@ -70,6 +70,22 @@ def make_user_dataset(module):
     return dataset
 
 
+def reference_data(module, held_out):
+    """(the real images evaluations measure against, a name saying which, the rest of make_dataset()): the last
+    `held_out` images of make_dataset() when held_out > 0, else make_test_dataset() (and all of make_dataset())."""
+    from torch.utils.data import Subset
+    dataset = make_user_dataset(module)
+    if held_out:
+        if held_out >= len(dataset):
+            raise UserError(f"--held_out {held_out} leaves no images of the {len(dataset)} in make_dataset()")
+        return (Subset(dataset, range(len(dataset) - held_out, len(dataset))),
+                f"the last {held_out} images of {module.__name__}.make_dataset()",
+                Subset(dataset, range(len(dataset) - held_out)))
+    make_test = getattr(module, "make_test_dataset", None)
+    if make_test is None:
+        raise UserError(f"user module {module.__name__!r} has no make_test_dataset(); give --held_out N to "
+                        "hold out the last N images of make_dataset() as the reference")
+    return make_test(), f"{module.__name__}.make_test_dataset()", dataset
 
 
 # -- conditioning (SPEC "Conditioning and classifier-free guidance") ----------------------------

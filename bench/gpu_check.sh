@@ -5,6 +5,8 @@
 #             the checkpoints/samples checked; evaluate.py on the shipped digits chain on CUDA (200 images)
 #   stream    sample.py writing 20,000 images in shards on CUDA (bench/sample_memory.py: peak host memory
 #             against 2,000, and a killed run resumed to the same file)
+#   fid       the FID InceptionV3's images/s on the GPU (bench/inception_rate.py), and evaluate.py --samples
+#             with Inception features from a weights file (random weights, 2,000 images of 64x64 against 2,000)
 #   fp32      bench/bench.py, CelebA configuration (celeba_u, 256x256), fp32 eager: the baseline, with the
 #             per-image noise against randn_like on the GPU and every sampler through generate
 #   compile   the same with bf16 autocast + channels_last + torch.compile, against the baseline
@@ -12,10 +14,10 @@
 #   torchrun  train.py under torchrun on the GPU(s); with one GPU also 2 processes on the CPU (gloo)
 # Usage, from anywhere:  bash bench/gpu_check.sh   (exit status 0 when every step that ran passed)
 # Everything lands in $OUT (default bench/out): gpu_check.log and three bench_celeba_*.json.
-# Settings: PY (python to use), STEPS (default "tiny stream fp32 compile memory torchrun"), BATCH (CelebA
+# Settings: PY (python to use), STEPS (default "tiny stream fid fp32 compile memory torchrun"), BATCH (CelebA
 # batch, default 16), BUDGET (seconds for all steps, default 540; a step that would start with under 20 s
 # left is skipped, every step also has its own timeout), BENCH_EXTRA (more bench.py flags, appended).
-# Dry run of this script's logic without a GPU (tiny, slow): DEVICE=cpu COMPILE=False BATCH=1
+# Dry run of this script's logic without a GPU (tiny, slow): DEVICE=cpu COMPILE=False BATCH=1 FID_BATCH=4 FID_IMAGES=40
 #   BENCH_EXTRA="--resolution 32 --iters 1 --warmup 1" bash bench/gpu_check.sh
 # Python: $PY if set; else .venv/bin/python if it sees CUDA; else python3 if it has torch with CUDA and the
 # other requirements (lmdb, needed only for LMDB data sets, may be missing: a stub is put on the path,
@@ -26,11 +28,13 @@ ROOT=$PWD
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-STEPS=${STEPS:-tiny stream fp32 compile memory torchrun}
+STEPS=${STEPS:-tiny stream fid fp32 compile memory torchrun}
 DEVICE=${DEVICE:-cuda}
 COMPILE=${COMPILE:-True}
 read -r -a EXTRA <<<"${BENCH_EXTRA:-}"
 BATCH=${BATCH:-16}
+FID_BATCH=${FID_BATCH:-200}  # images per timed batch of the FID InceptionV3
+FID_IMAGES=${FID_IMAGES:-2000}  # images of each set of the fid step
 BUDGET=${BUDGET:-540}
 START=$SECONDS
 RESULTS=()
@@ -88,6 +92,10 @@ EOF
         echo "=== note: lmdb is missing; a stub is on the path (no LMDB data set is read here)"
     fi
 fi
+if ! "$PY" -c "import pytorch_fid" 2>/dev/null && compgen -G ".whl/pytorch_fid-*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site .whl/pytorch_fid-*.whl
+    export PYTHONPATH=$PYTHONPATH:/tmp/gpu_check_site  # the FID network's blocks (pure Python; scipy not needed)
+fi
 echo "=== $(date -u +%FT%TZ) gpu_check in $ROOT, python $PY, OUT $OUT, steps: $STEPS"
 timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv
 "$PY" -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
@@ -127,6 +135,20 @@ fi
 if wants stream; then
     step sample_stream 150 "$PY" bench/sample_memory.py --counts 2000,20000 --repeats 1 --device $DEVICE --chunk_size 1000 \
         --json "$OUT/sample_memory_$DEVICE.json"
+fi
+
+# -- fid: the FID InceptionV3 on the GPU, and evaluate.py --samples through it ----------------------
+if wants fid; then
+    step fid_rate 90 "$PY" bench/inception_rate.py --device $DEVICE --batch_size "$FID_BATCH" --iters 5 --json "$OUT/inception_rate_$DEVICE.json" &&
+    step fid_sets 60 "$PY" -c "
+import numpy as np, torch, fid
+torch.save(fid.random_inception_weights(seed=0), '$W/inception.pth')
+rng = np.random.default_rng(0)
+for name in ('real', 'fake'):
+    np.savez('$W/' + name + '.npz', arr_0=rng.integers(0, 256, ($FID_IMAGES, 64, 64, 3), dtype=np.uint8))
+" &&
+    step fid_evaluate 120 "$PY" evaluate.py --module celeba_u --samples "$W/fake.npz" --reference "$W/real.npz" \
+        --features inception --inception_weights "$W/inception.pth" --chunk_size 500 --device $DEVICE --out "$OUT/gpu_fid"
 fi
 
 # -- the CelebA benchmarks ------------------------------------------------------------------------

@@ -89,8 +89,8 @@ def test_fid_random_features_match_reference_and_are_symmetric():
 
 def test_inception_features_data_flow(monkeypatch):
     """Batching, the [-1, 1] -> [0, 1] mapping and the output layout, with a stand-in network."""
-    def fake_inception(device):
-        return lambda x: [x.mean(dim=(1, 2, 3), keepdim=True).expand(-1, fid.INCEPTION_DIM, 1, 1)]
+    def fake_inception(device, weights=None):
+        return lambda x: x.mean(dim=(1, 2, 3))[:, None].expand(-1, fid.INCEPTION_DIM), "a stand-in"
 
     monkeypatch.setattr(fid, "load_inception", fake_inception)
     images = torch.linspace(-1, 1, 7).reshape(7, 1, 1, 1).expand(7, 3, 4, 4)

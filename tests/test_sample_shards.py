@@ -3,6 +3,7 @@ run's folder, a full disk, and the picture read back from the shards."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,9 +64,12 @@ def test_a_rerun_redoes_only_missing_or_broken_shards_and_gives_the_same_file(to
     os.remove(folder / "shard_000001.npz")  # never written
     (folder / "shard_000003.npz").write_bytes((folder / "shard_000003.npz").read_bytes()[:40])  # cut short
     (folder / "shard_000002.npz.tmp-999").write_bytes(b"half a shard")  # what a kill mid-write leaves
+    other = COMMON[:COMMON.index("--seed")] + ["--seed", 4]
+    run_script("sample.py", *other, "--out_dir", "other", cwd=toy)
+    shutil.copy(toy / "other" / "shard_000004.npz", folder / "shard_000004.npz")  # another run's images 20..22
     os.remove(toy / "whole.npz")
     result = run_script("sample.py", *COMMON, "--out_npz", "whole.npz", cwd=toy)
-    assert "continuing, 3 of this process's 5 shards already there" in result.stdout
+    assert "continuing, 2 of this process's 5 shards already there" in result.stdout
     assert (toy / "whole.npz").read_bytes() == reference
     assert os.stat(folder / "shard_000000.npz").st_mtime_ns == kept
 
