@@ -66,7 +66,8 @@ def first_reach(curve, target):
 
 def test_evaluate_writes_every_measure_against_nfe(chain):
     slim = torch.load(chain / "slim/base_1/checkpoint.pt", weights_only=True)
-    assert "optimizer" not in slim and all(v.dtype == torch.float16 for v in slim["G"].values() if v.is_floating_point())
+    assert "optimizer" not in slim and all(v.dtype == torch.float16 for k, v in slim["G"].items()
+                                           if v.is_floating_point() and not k.endswith("inv_freq"))
     result = run_script("evaluate.py", "--module", "digits_u", "--checkpoints", "checkpoints/d/original/checkpoint.pt",
                         "checkpoints/d/base_0/checkpoint.pt", "slim/base_1/checkpoint.pt", "--num_samples", N_IMAGES,
                         "--ddim_steps", "1,2,4", "--seed", SEED, "--out", "ev/table", *SMALL, cwd=chain)
@@ -269,3 +270,13 @@ def test_demo_samples_the_shipped_checkpoints(run, tmp_path):
     steps = [torch.load(os.path.join(ROOT, f"checkpoints/digits/{d}/checkpoint.pt"), weights_only=True)["n_timesteps"]
              for d in ["original"] + [f"base_{k}" for k in range(7)]]
     assert steps == [128, 64, 32, 16, 8, 4, 2, 1]
+
+
+def test_a_float16_copy_keeps_the_time_embeddings_frequencies_in_float32(chain):
+    from unet import TimeEmbedding
+    state = torch.load(chain / "slim" / "base_1" / "checkpoint.pt", weights_only=True)["G"]
+    assert state["down.0.weight"].dtype == torch.float16
+    frequencies = [k for k in state if k.endswith("inv_freq")]
+    assert frequencies
+    for k in frequencies:
+        assert torch.equal(state[k], TimeEmbedding(2 * len(state[k])).inv_freq), k
