@@ -35,13 +35,22 @@ def main(argv=None):
     parser.add_argument("--half", type=str2bool, default=False, help="store weights in float16")
     parser.add_argument("--for_original", type=str2bool, default=False,
                         help="a file for the original implementation's sample.py: three keys, BGR, labels i*s")
-    parser.add_argument("--module", default="", help="with --for_original: the user module whose make_model() "
-                                                     "builds the source's UNet")
+    parser.add_argument("--for_diffusers", type=str2bool, default=False,
+                        help="a diffusers folder (model_index.json, unet/, scheduler/) that DDIMPipeline.from_pretrained "
+                             "loads and samples over the checkpoint's own steps")
+    parser.add_argument("--overwrite", type=str2bool, default=False, help="with --for_diffusers: write into a non-empty folder")
+    parser.add_argument("--module", default="", help="with --for_original or --for_diffusers: the user module whose "
+                                                     "make_model() builds the source's UNet")
     args = parser.parse_args(argv)
-    if args.for_original and not args.module:
-        raise UserError("--for_original True needs --module NAME, the user module whose make_model() builds the UNet")
-    if args.module and not args.for_original:
-        raise UserError("--module is used only with --for_original True")
+    if args.for_original and args.for_diffusers:
+        raise UserError("choose one of --for_original True and --for_diffusers True")
+    wanted = "--for_original True" if args.for_original else "--for_diffusers True" if args.for_diffusers else ""
+    if wanted and not args.module:
+        raise UserError(f"{wanted} needs --module NAME, the user module whose make_model() builds the UNet")
+    if args.module and not wanted:
+        raise UserError("--module is used only with --for_original True or --for_diffusers True")
+    if args.for_diffusers:
+        return export_diffusers(args)
     target = os.path.join(args.target_dir, CHECKPOINT_NAME)
     if os.path.exists(args.target_dir) and not os.path.isdir(args.target_dir):
         raise UserError(f"cannot write into {args.target_dir}: it is a file, not a folder")
@@ -56,6 +65,26 @@ def main(argv=None):
         out["G"] = half(out["G"])
     path = save_checkpoint(out, args.target_dir)
     print(f"Wrote {path}")
+
+
+def export_diffusers(args):
+    """export_checkpoint.py --for_diffusers True: the checkpoint as a DDIMPipeline folder (diffusers_unet.py)."""
+    from diffusers_unet import NotExpressible, export_pipeline
+    from user_modules import load_model_from_checkpoint
+    if os.path.exists(args.target_dir) and not os.path.isdir(args.target_dir):
+        raise UserError(f"cannot write into {args.target_dir}: it is a file, not a folder")
+    if os.path.isdir(args.target_dir) and os.listdir(args.target_dir) and not args.overwrite:
+        raise UserError(f"{args.target_dir} is not empty; choose an empty folder or give --overwrite True")
+    net, ckpt = load_model_from_checkpoint(load_user_module(args.module), args.source, "cpu")
+    try:
+        note = export_pipeline(net.eval(), ckpt, args.target_dir)
+    except NotExpressible as e:
+        raise UserError(f"cannot export {args.source} to diffusers: {e}") from None
+    if note:
+        print(note)
+    steps = int(ckpt["n_timesteps"])
+    print(f"Wrote {args.target_dir}: DDIMPipeline.from_pretrained({args.target_dir!r})(num_inference_steps={steps}) "
+          "samples it")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """This project's UNet as diffusers' UNet2DModel: the same outputs through the weight mapping, and the refusals."""
+import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
 
 import digits_u
-from diffusers_unet import NotExpressible, unet2d_config, unet2d_state_dict
+from conftest import ROOT, run_script
+from diffusers_unet import NotExpressible, ddim_scheduler_config, unet2d_config, unet2d_state_dict
+from sample_utils import image_noise
 from unet import UNet
 
 
@@ -69,3 +73,66 @@ def test_networks_unet2d_cannot_express_are_refused(kwargs, said):
         unet2d_config(net)
     with pytest.raises(NotExpressible, match=said):
         unet2d_state_dict(net)
+
+
+FAST = ["--device", "cpu", "--num_workers", 0, "--log_every", 1, "--seed", 0]
+N_IMAGES, SEED = 5, 4
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A float32 digits chain: a base model of 8 steps and its 4- and 2-step students."""
+    folder = tmp_path_factory.mktemp("diffusers_chain")
+    run = lambda *args: run_script(*args, cwd=folder)
+    run("train.py", "--module", "digits_u", "--name", "d", "--dname", "original", "--num_timesteps", 8,
+        "--num_iters", 3, "--batch_size", 4, *FAST)
+    run("distillate.py", "--module", "digits_u", "--name", "d", "--dname", "base", "--num_stages", 2,
+        "--base_checkpoint", "checkpoints/d/original/checkpoint.pt", "--num_iters", 3, "--batch_size", 4, *FAST)
+    return folder
+
+
+@pytest.mark.parametrize("stage, steps", [("original", 8), ("base_0", 4), ("base_1", 2)])
+def test_the_exported_folder_samples_the_images_of_sample_py(chain, stage, steps):
+    from diffusers import DDIMPipeline
+    checkpoint = f"checkpoints/d/{stage}/checkpoint.pt"
+    result = run_script("export_checkpoint.py", checkpoint, f"hub/{stage}", "--for_diffusers", "True", "--module",
+                        "digits_u", cwd=chain)
+    assert "note:" not in result.stdout  # a float32 file: the frequencies are exact
+    run_script("sample.py", "--module", "digits_u", "--checkpoint", checkpoint, "--sampler", "ddim", "--num_images",
+               N_IMAGES, "--seed", SEED, "--device", "cpu", "--out_npz", f"{stage}.npz", "--float_samples", "True", cwd=chain)
+    expected = torch.from_numpy(np.load(chain / f"{stage}.npz")["samples"])
+    pipeline = DDIMPipeline.from_pretrained(chain / "hub" / stage)
+    x = image_noise(range(N_IMAGES), [1, 8, 8], SEED)  # the same starting noise
+    pipeline.scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in pipeline.scheduler.timesteps:
+            x = pipeline.scheduler.step(pipeline.unet(x, t).sample, t, x, eta=0.0).prev_sample
+    assert (x.clamp(-1, 1) - expected).abs().max() <= 1e-4
+    images = pipeline(batch_size=2, num_inference_steps=steps, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+
+
+def test_an_export_refuses_a_non_empty_folder_and_notes_rounded_frequencies(tmp_path):
+    shipped = os.path.join(ROOT, "checkpoints", "digits", "base_4", "checkpoint.pt")  # float16, frequencies included
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    args = ["--for_diffusers", "True", "--module", "digits_u"]
+    result = run_script("export_checkpoint.py", shipped, "full", *args, check=False, cwd=tmp_path)
+    assert result.returncode == 2 and "is not empty" in result.stderr and result.stderr.count("\n") == 1
+    assert os.listdir(tmp_path / "full") == ["keep.txt"]
+    result = run_script("export_checkpoint.py", shipped, "full", *args, "--overwrite", "True", cwd=tmp_path)
+    assert "frequencies rounded" in result.stdout and (tmp_path / "full" / "model_index.json").exists()
+    result = run_script("export_checkpoint.py", shipped, "other", "--for_diffusers", "True", check=False, cwd=tmp_path)
+    assert result.returncode == 2 and "needs --module" in result.stderr
+
+
+def test_labels_that_are_not_trailing_base_indices_are_refused():
+    from diffusion import make_beta_schedule, model_grid
+    grid = model_grid(make_beta_schedule("cosine", 4), time_scale=2, time_labels="original")  # labels i*s
+    with pytest.raises(NotExpressible, match="not the trailing points"):
+        ddim_scheduler_config(grid, "v")
+    aligned = ddim_scheduler_config(model_grid(make_beta_schedule("cosine", 4), 2, "aligned"), "v")
+    abar = torch.cumprod(1 - torch.tensor(aligned["trained_betas"], dtype=torch.float64), 0)
+    alpha = model_grid(make_beta_schedule("cosine", 4), 2, "aligned").alphas[:-1]
+    assert aligned["num_train_timesteps"] == 8
+    assert torch.allclose(abar[[7, 5, 3, 1]], alpha ** 2, rtol=1e-12)  # the levels at the labels (k + 1) 2 - 1
