@@ -155,7 +155,7 @@ def ddim_scheduler_config(grid, prediction):
     expected = [(k + 1) * (n // steps) - 1 for k in reversed(range(steps))]
     if n % steps or any(abs(a - b) > 1e-9 for a, b in zip(labels, expected)):
         raise NotExpressible(f"time labels {labels[:4]}... are not the trailing points of a grid of base indices "
-                             "(a file of the original's i*s labels: export it with export_checkpoint.py first)")
+                             "(the original's own files, labels i*s, are not exported)")
     log_abar = torch.full((n + 1,), float("nan"), dtype=torch.float64)  # position j + 1 holds index j; 0 is index -1
     log_abar[0] = 0.0  # clean data
     log_abar[torch.tensor(expected) + 1] = 2 * grid.alphas[:-1].log()

@@ -136,3 +136,18 @@ def test_labels_that_are_not_trailing_base_indices_are_refused():
     alpha = model_grid(make_beta_schedule("cosine", 4), 2, "aligned").alphas[:-1]
     assert aligned["num_train_timesteps"] == 8
     assert torch.allclose(abar[[7, 5, 3, 1]], alpha ** 2, rtol=1e-12)  # the levels at the labels (k + 1) 2 - 1
+
+
+def test_a_bgr_file_is_refused_and_an_rgb_one_of_the_same_network_exported(tmp_path):
+    import colour_u
+    torch.manual_seed(0)
+    state = colour_u.make_model().state_dict()
+    for order in ("BGR", "RGB"):
+        torch.save({"G": state, "n_timesteps": 8, "time_scale": 1, "channel_order": order}, tmp_path / f"{order}.pt")
+        result = run_script("export_checkpoint.py", f"{order}.pt", order, "--for_diffusers", "True", "--module",
+                            "colour_u", check=False, cwd=tmp_path)
+        if order == "BGR":
+            assert result.returncode == 2 and "makes BGR images" in result.stderr and result.stderr.count("\n") == 1
+            assert not os.path.exists(tmp_path / "BGR")
+        else:
+            assert result.returncode == 0 and (tmp_path / "RGB" / "unet" / "config.json").exists(), result.stderr
