@@ -88,19 +88,27 @@ def chain(tmp_path_factory):
         "--num_iters", 3, "--batch_size", 4, *FAST)
     run("distillate.py", "--module", "digits_u", "--name", "d", "--dname", "base", "--num_stages", 2,
         "--base_checkpoint", "checkpoints/d/original/checkpoint.pt", "--num_iters", 3, "--batch_size", 4, *FAST)
+    # a DDPM-style teacher (linear schedule, eps, 16 steps): its v-predicting copy, then 8 and 4 steps
+    run("train.py", "--module", "digits_u", "--name", "e", "--dname", "original", "--num_timesteps", 16,
+        "--schedule", "linear", "--prediction", "eps", "--num_iters", 3, "--batch_size", 4, *FAST)
+    run("distillate.py", "--module", "digits_u", "--name", "e", "--dname", "base", "--num_stages", 2,
+        "--base_checkpoint", "checkpoints/e/original/checkpoint.pt", "--num_iters", 3, "--batch_size", 4, *FAST)
     return folder
 
 
-@pytest.mark.parametrize("stage, steps", [("original", 8), ("base_0", 4), ("base_1", 2)])
+@pytest.mark.parametrize("stage, steps", [("d/original", 8), ("d/base_0", 4), ("d/base_1", 2),
+                                          ("e/original", 16), ("e/base_v", 16), ("e/base_1", 4)])
 def test_the_exported_folder_samples_the_images_of_sample_py(chain, stage, steps):
     from diffusers import DDIMPipeline
-    checkpoint = f"checkpoints/d/{stage}/checkpoint.pt"
+    checkpoint = f"checkpoints/{stage}/checkpoint.pt"
     result = run_script("export_checkpoint.py", checkpoint, f"hub/{stage}", "--for_diffusers", "True", "--module",
                         "digits_u", cwd=chain)
     assert "note:" not in result.stdout  # a float32 file: the frequencies are exact
     run_script("sample.py", "--module", "digits_u", "--checkpoint", checkpoint, "--sampler", "ddim", "--num_images",
                N_IMAGES, "--seed", SEED, "--device", "cpu", "--out_npz", f"{stage}.npz", "--float_samples", "True", cwd=chain)
     expected = torch.from_numpy(np.load(chain / f"{stage}.npz")["samples"])
+    prediction = torch.load(chain / checkpoint, weights_only=True).get("prediction", "v")
+    assert pipeline_config(chain / "hub" / stage)["prediction_type"] == {"eps": "epsilon", "v": "v_prediction"}[prediction]
     pipeline = DDIMPipeline.from_pretrained(chain / "hub" / stage)
     x = image_noise(range(N_IMAGES), [1, 8, 8], SEED)  # the same starting noise
     pipeline.scheduler.set_timesteps(steps)
@@ -110,6 +118,12 @@ def test_the_exported_folder_samples_the_images_of_sample_py(chain, stage, steps
     assert (x.clamp(-1, 1) - expected).abs().max() <= 1e-4
     images = pipeline(batch_size=2, num_inference_steps=steps, output_type="np").images
     assert images.shape == (2, 8, 8, 1)
+
+
+def pipeline_config(folder):
+    import json
+    with open(folder / "scheduler" / "scheduler_config.json") as f:
+        return json.load(f)
 
 
 def test_an_export_refuses_a_non_empty_folder_and_notes_rounded_frequencies(tmp_path):
