@@ -145,6 +145,12 @@ def test_labels_that_are_not_trailing_base_indices_are_refused():
     grid = model_grid(make_beta_schedule("cosine", 4), time_scale=2, time_labels="original")  # labels i*s
     with pytest.raises(NotExpressible, match="not the trailing points"):
         ddim_scheduler_config(grid, "v")
+    trailing_of_12 = model_grid(make_beta_schedule("cosine", 12)).take([1, 4, 8, 11])  # labels 10, 7, 3, 0 of 12
+    with pytest.raises(NotExpressible, match="not the trailing points"):
+        ddim_scheduler_config(trailing_of_12, "v")
+    five_of_12 = model_grid(make_beta_schedule("cosine", 12)).take([0, 2, 4, 6, 9])  # labels 11, 9, 7, 5, 2
+    with pytest.raises(NotExpressible, match="do not divide the 12 base steps"):
+        ddim_scheduler_config(five_of_12, "v")
     aligned = ddim_scheduler_config(model_grid(make_beta_schedule("cosine", 4), 2, "aligned"), "v")
     abar = torch.cumprod(1 - torch.tensor(aligned["trained_betas"], dtype=torch.float64), 0)
     alpha = model_grid(make_beta_schedule("cosine", 4), 2, "aligned").alphas[:-1]
