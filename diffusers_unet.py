@@ -153,13 +153,10 @@ def ddim_scheduler_config(grid, prediction):
     steps = len(labels)
     n = int(round(labels[0])) + 1
     expected = [(k + 1) * (n // steps) - 1 for k in reversed(range(steps))]
-    if steps > 1 and labels[-1] == 0:
-        raise NotExpressible(f"time labels {labels[:4]}... are not the trailing points of a grid of base indices "
-                             "(the original's own files, labels i*s, are not exported)")
-    if n % steps:
-        raise NotExpressible(f"its {steps} steps do not divide the {n} base steps, so DDIMScheduler's rule "
-                             f"t - {n} // {steps} cannot give its time labels")
-    if any(abs(a - b) > 1e-9 for a, b in zip(labels, expected)):
+    if n % steps or any(abs(a - b) > 1e-9 for a, b in zip(labels, expected)):
+        if n % steps and labels[-1] != 0:
+            raise NotExpressible(f"its {steps} steps do not divide the {n} base steps, so DDIMScheduler's rule "
+                                 f"t - {n} // {steps} cannot give its time labels")
         raise NotExpressible(f"time labels {labels[:4]}... are not the trailing points of a grid of base indices "
                              "(the original's own files, labels i*s, are not exported)")
     log_abar = torch.full((n + 1,), float("nan"), dtype=torch.float64)  # position j + 1 holds index j; 0 is index -1
