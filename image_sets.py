@@ -85,7 +85,7 @@ class SampleFolder(ImageSet):
         if absent or wrong:
             said = []
             if absent:
-                said.append(f"shards {_listed(absent)} missing (rerun its sample.py command to finish them)")
+                said.append(f"shards {sample_shards.listed(absent)} missing (rerun its sample.py command to finish them)")
             if wrong:
                 said.append("; ".join(f"shard {k} {p}" for k, p in wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
             raise ImageSetError(f"{folder} holds {len(problems) - len(absent) - len(wrong)} of its {len(problems)} "
@@ -187,6 +187,3 @@ def open_set(path, block_size):
         raise ImageSetError(f"{path} does not exist (give a sample folder of sample.py or an npz of images)")
     return NpzSet(path, block_size)
 
-
-def _listed(ks):
-    return ", ".join(map(str, ks[:8])) + (" ..." if len(ks) > 8 else "")

@@ -168,12 +168,17 @@ def write_shard(folder, k, start, samples, labels=None, float_copies=False):
         raise _write_error(path, folder, e) from None
 
 
+def listed(ks, most=8):
+    """'3, 7, 9 ...': the first `most` shard numbers of a list, for a message."""
+    return ", ".join(map(str, ks[:most])) + (" ..." if len(ks) > most else "")
+
+
 def check_complete(folder, num_images, shard_size):
     """ShardError naming the shards that are not on disk."""
     absent = [k for k in range(len(shard_ranges(num_images, shard_size))) if not os.path.exists(shard_path(folder, k))]
     if absent:
-        listed = ", ".join(map(str, absent[:8])) + (" ..." if len(absent) > 8 else "")
-        raise ShardError(f"{folder} lacks {len(absent)} of its shards ({listed}); rerun the same command to finish them")
+        raise ShardError(f"{folder} lacks {len(absent)} of its shards ({listed(absent)}); rerun the same command to "
+                         "finish them")
 
 
 def read_shards(folder, num_images, shard_size, key="arr_0", limit=None):
