@@ -9,7 +9,8 @@
   a thin wrapper over samplers.py with the original's results (tests/reference/ddim_tiny_case.pt).
 - The export back (export_checkpoint.py --for_original True): a file its sample.py samples exactly as this
   project samples ours, with its time labels i*s and its BGR channel order, by exact edits of the UNet's
-  weights (`for_original`).
+  weights (`for_original`); the same edits the other way make its files RGB networks on this project's labels
+  (`aligned_rgb`, for the diffusers export).
 """
 import math
 
@@ -148,7 +149,26 @@ def for_original(ckpt, model, source):
     if not offset and not flip:
         raise UserError(f"{source} needs no conversion: the original's sample.py already gives it the time labels "
                         "and channel order it expects (it loads the file as it is)")
-    G = clean_state_dict(ckpt["G"])
+    return {"G": _edited(ckpt["G"], model, offset, flip), "n_timesteps": ckpt["n_timesteps"], "time_scale": time_scale}
+
+
+def aligned_rgb(ckpt, model, source):
+    """The checkpoint with the edits of for_original the other way: a network that takes this project's labels
+    (i+1)*s - 1 where it took the original's i*s (the embedding rotated by -(s - 1)) and makes RGB images where it
+    made BGR (3 channels; one grey channel is never flipped). For the UNet of unet.py."""
+    if not isinstance(model, UNet):
+        raise UserError(f"{source} takes the original's time labels or makes BGR images, which only the UNet of "
+                        f"unet.py can be edited out of; this user module's make_model() returns a {type(model).__name__}")
+    load_weights(model, ckpt["G"], source)
+    offset = -(ckpt["time_scale"] - 1) if checkpoint_time_labels(ckpt) == "original" else 0
+    flip = checkpoint_channel_order(ckpt) == "BGR" and model.in_channel == 3
+    return dict(ckpt, G=_edited(ckpt["G"], model, offset, flip), time_labels="aligned", channel_order="RGB")
+
+
+def _edited(state_dict, model, offset, flip):
+    """The UNet's weights with labels shifted by `offset` (W' emb(t) = W emb(t + offset)) and, with flip, the
+    image channels reversed at the first convolution's input and the last one's output."""
+    G = clean_state_dict(state_dict)
     edited = {}
     if offset:
         edited["time.1.weight"] = rotate_time_embedding(G["time.1.weight"], G["time.0.inv_freq"], offset)
@@ -159,4 +179,4 @@ def for_original(ckpt, model, source):
         edited["out.2.bias"] = G["out.2.bias"][perm]
     # edited tensors are stored in at least float32, so a float16 source is not rounded a second time
     G.update({k: v.to(torch.promote_types(G[k].dtype, torch.float32)) for k, v in edited.items()})
-    return {"G": G, "n_timesteps": ckpt["n_timesteps"], "time_scale": time_scale}
+    return G
