@@ -1,5 +1,6 @@
-"""This project's models as diffusers folders: the UNet (unet.py) as UNet2DModel through its configuration and an
-exact weight mapping, and the checkpoint's grid as a DDIMScheduler (export_checkpoint.py --for_diffusers True).
+"""diffusers' UNet2DModel and this project's UNet: the UNet (unet.py) as a UNet2DModel through its configuration and
+an exact weight mapping (for export_checkpoint.py --for_diffusers True), and a UNet2DModel as this project's
+network (DiffusersUNet: the network of a model imported from a diffusers folder, and of its students).
 
 The two networks are the same DDPM UNet (Ho et al. 2020) in two layouts:
 - the sinusoidal time embedding [sin, cos] with frequencies 10000^(-2k/dim): flip_sin_to_cos False, freq_shift 0;
@@ -14,8 +15,11 @@ A network diffusers cannot express is refused (NotExpressible): a spatial fold, 
 attention at levels whose head widths differ (UNet2DModel has one attention_head_dim).
 """
 import torch
+from torch import nn
 
 from unet import ResBlockWithAttention, UNet
+
+NETWORK_CLASS = "UNet2DModel"  # the one network class a checkpoint's "network" record names
 
 
 class NotExpressible(Exception):
@@ -137,61 +141,47 @@ def unet2d_state_dict(net):
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in out.items()}
 
 
-# -- the scheduler: DDIM over the checkpoint's own grid ---------------------------------------------
-
-DIFFUSERS_PREDICTION = {"eps": "epsilon", "x": "sample", "v": "v_prediction"}
 
 
-def ddim_scheduler_config(grid, prediction):
-    """The DDIMScheduler configuration whose trailing steps are a grid's levels, for the grid of all levels of a
-    model (checkpoints.checkpoint_grid) whose time labels are the trailing points (k + 1) N / S - 1 of N base
-    indices (the aligned labels of this project's models): num_train_timesteps N, the network given the labels as
-    diffusers' timesteps, and `trained_betas` whose cumulative product is alpha_k^2 at label k — a cosine
-    student's own noisiest level included. The indices between the labels (never visited by S steps, or by any
-    number dividing S) take log alpha^2 linear in the index. NotExpressible for labels of another pattern."""
-    labels = grid.labels.tolist()
-    steps = len(labels)
-    n = int(round(labels[0])) + 1
-    expected = [(k + 1) * (n // steps) - 1 for k in reversed(range(steps))]
-    if n % steps or any(abs(a - b) > 1e-9 for a, b in zip(labels, expected)):
-        if n % steps and labels[-1] != 0:
-            raise NotExpressible(f"its {steps} steps do not divide the {n} base steps, so DDIMScheduler's rule "
-                                 f"t - {n} // {steps} cannot give its time labels")
-        raise NotExpressible(f"time labels {labels[:4]}... are not the trailing points of a grid of base indices "
-                             "(the original's own files, labels i*s, are not exported)")
-    log_abar = torch.full((n + 1,), float("nan"), dtype=torch.float64)  # position j + 1 holds index j; 0 is index -1
-    log_abar[0] = 0.0  # clean data
-    log_abar[torch.tensor(expected) + 1] = 2 * grid.alphas[:-1].log()
-    known = torch.nonzero(~log_abar.isnan()).flatten()
-    for a, b in zip(known[:-1].tolist(), known[1:].tolist()):
-        fraction = torch.arange(1, b - a, dtype=torch.float64) / (b - a)
-        log_abar[a + 1:b] = log_abar[a] + fraction * (log_abar[b] - log_abar[a])
-    betas = 1 - (log_abar[1:] - log_abar[:-1]).exp()
-    return dict(num_train_timesteps=n, trained_betas=betas.tolist(), beta_schedule="linear", clip_sample=False,
-                set_alpha_to_one=True, steps_offset=0, prediction_type=DIFFUSERS_PREDICTION[prediction],
-                thresholding=False, timestep_spacing="trailing", rescale_betas_zero_snr=False)
+# -- UNet2DModel as this project's network ------------------------------------------------------------
 
+class DiffusersUNet(nn.Module):
+    """diffusers' UNet2DModel with this project's network protocol: forward(x, t, y=None) gives the prediction at
+    time labels t (the timesteps diffusers passes), y the class labels of a class-conditional model; image_size
+    [1, C, H, W]. Its weights are the UNet2DModel's under the prefix "unet."; record() is the checkpoint's
+    "network" entry that rebuilds it (DiffusersUNet.from_record)."""
 
-def export_pipeline(net, ckpt, folder):
-    """A folder that diffusers' DDIMPipeline.from_pretrained loads (model_index.json, unet/, scheduler/) and that
-    samples the checkpoint's model with DDIM over its own grid: `pipeline(num_inference_steps=S)` for S its steps.
-    Returns a note when the file's time-embedding frequencies are not the exact ones diffusers
-    computes (a float16 copy made before they were kept in float32), else None."""
-    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        size = unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        self.image_size = [1, unet.config.in_channels, height, width]
 
-    from checkpoints import checkpoint_channel_order, checkpoint_grid, checkpoint_prediction
-    from unet import TimeEmbedding
-    if checkpoint_channel_order(ckpt) != "RGB":
-        raise NotExpressible("the checkpoint's network makes BGR images (the original's files); diffusers' pipelines "
-                             "expect RGB")
-    image_size = getattr(net, "image_size", None)
-    model = UNet2DModel(**unet2d_config(net, None if image_size is None else int(image_size[-1])))
-    model.load_state_dict(unet2d_state_dict(net), strict=True)
-    scheduler = DDIMScheduler(**ddim_scheduler_config(checkpoint_grid(ckpt), checkpoint_prediction(ckpt)))
-    DDIMPipeline(unet=model, scheduler=scheduler).save_pretrained(folder)
-    stored, exact = net.time[0].inv_freq.float().cpu(), TimeEmbedding(net.time[0].dim).inv_freq
-    if not torch.equal(stored, exact):
-        error = float(((stored - exact).abs() / exact).max())
-        return (f"note: the checkpoint stores its time embedding's frequencies rounded (up to {error:.1e} relative); "
-                "diffusers computes them exactly, so the folder's network differs slightly from the file's")
-    return None
+    @classmethod
+    def from_record(cls, record):
+        """The network of a checkpoint's "network" record, with UNet2DModel's initial weights."""
+        from diffusers import UNet2DModel
+        if record.get("class") != NETWORK_CLASS:
+            raise ValueError(f"the network record names {record.get('class')!r}; this version builds {NETWORK_CLASS}")
+        return cls(UNet2DModel.from_config(record["config"]))
+
+    def record(self):
+        """{"class": "UNet2DModel", "config": its configuration as plain values}."""
+        config = {key: list(value) if isinstance(value, tuple) else value
+                  for key, value in self.unet.config.items() if not key.startswith("_")}
+        return {"class": NETWORK_CLASS, "config": config}
+
+    @property
+    def grad_checkpoint(self):
+        return self.unet.is_gradient_checkpointing
+
+    @grad_checkpoint.setter
+    def grad_checkpoint(self, enabled):
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+
+    def forward(self, x, t, y=None):
+        return self.unet(x, t, class_labels=y).sample

@@ -29,12 +29,21 @@ class ShardError(Exception):
 
 
 def file_fingerprint(path, block=1 << 24):
-    """{'bytes': size, 'sha256': hex digest} of a file, read in blocks."""
+    """{'bytes': size, 'sha256': hex digest} of a file, read in blocks; of a folder (a diffusers pipeline), the
+    digest of each file's relative path and contents in sorted order, and their total size."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            digest.update(chunk)
-    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    if os.path.isdir(path):
+        files = sorted(os.path.relpath(os.path.join(top, name), path) for top, _, names in os.walk(path) for name in names)
+    else:
+        files = [""]
+    for name in files:
+        if name:
+            digest.update(name.encode() + b"\0")
+        with open(os.path.join(path, name) if name else path, "rb") as f:
+            for chunk in iter(lambda: f.read(block), b""):
+                digest.update(chunk)
+    return {"bytes": sum(os.path.getsize(os.path.join(path, name) if name else path) for name in files),
+            "sha256": digest.hexdigest()}
 
 
 def shard_ranges(num_images, shard_size):
