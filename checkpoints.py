@@ -6,7 +6,9 @@ One dict, `checkpoints/<name>/<dname>/checkpoint.pt`, readable with torch.load(w
   n_timesteps   sampling steps N of this model
   time_scale    how many base steps one step spans
 and, written by this project only:
-  format_version, time_labels ("aligned" | "original"), channel_order ("RGB" | "BGR"), schedule (the base
+  format_version, network (a model whose network is diffusers' UNet2DModel: {"class": "UNet2DModel", "config": its
+  configuration}; absent: the user module's make_model()), source (a model read from a diffusers folder),
+  time_labels ("aligned" | "original"), channel_order ("RGB" | "BGR"), schedule (the base
   model's float64 beta table and its name; absent: cosine), prediction ("eps" | "x" | "v"; absent: v),
   noise_levels ("own_cosine_table": the levels of a fresh cosine table of n_timesteps steps, as every file
   without the record; "schedule_grid": the schedule's levels at the base indices `grid`, noisiest first, which
@@ -37,11 +39,16 @@ TRAINING_STATE = ("model", "optimizer", "scaler", "bad_steps")  # what resuming 
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint safely (weights_only: a file crafted to run code is refused, not run)."""
+    """Read a checkpoint safely (weights_only: a file crafted to run code is refused, not run); a diffusers
+    pipeline folder is read as the checkpoint of its model (diffusers_folder.read_folder)."""
     if not path:
         raise UserError("no checkpoint given")
     if os.path.isdir(path):
-        raise UserError(f"checkpoint {path} is a folder; give the file inside it, e.g. {os.path.join(path, CHECKPOINT_NAME)}")
+        from diffusers_folder import is_diffusers_folder, read_folder
+        if is_diffusers_folder(path):
+            return read_folder(path)
+        raise UserError(f"checkpoint {path} is a folder, but not a diffusers pipeline (no model_index.json, unet/ or "
+                        f"scheduler/); give the checkpoint file inside it, e.g. {os.path.join(path, CHECKPOINT_NAME)}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:

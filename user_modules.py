@@ -112,18 +112,45 @@ def training_conditioning(module, cond_drop_prob):
 
 
 def model_for_checkpoint(module, ckpt, source):
-    """The user module's model as `ckpt` records it (with a guidance-weight input where it has a
-    guidance_range), with ckpt's G loaded; UserError when the module's classes differ from the record's."""
+    """The model `ckpt` records (its network record: a UNet2DModel; else the user module's model, with a
+    guidance-weight input where it has a guidance_range), with ckpt's G loaded; UserError when the module's classes
+    differ from the record's. module may be None for a checkpoint with a network record."""
     record = checkpoint_conditioning(ckpt)
+    network = network_of(ckpt, source)
+    if module is None and network is not None:  # the checkpoint describes its network in full
+        load_weights(network, ckpt["G"], source)
+        return network
     k = module_num_classes(module)
     if record.get("num_classes") != k:
         def kind(n):
             return f"a model of {n} classes" if n else "unconditional"
         raise UserError(f"{source} is {kind(record.get('num_classes'))}, but user module {module.__name__} is "
                         f"{kind(k)}; give the module the checkpoint was trained with")
-    model = make_user_model(module, guidance_embedding="guidance_range" in record)
+    model = network or make_user_model(module, guidance_embedding="guidance_range" in record)
     load_weights(model, ckpt["G"], source)
     return model
+
+
+def network_of(ckpt, source):
+    """The network a checkpoint records (its "network": diffusers' UNet2DModel, diffusers_unet.DiffusersUNet) with
+    its initial weights, or None when the user module's make_model() builds it."""
+    if "network" not in ckpt:
+        return None
+    from diffusers_unet import DiffusersUNet
+    try:
+        return DiffusersUNet.from_record(ckpt["network"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{source} records a network this version cannot build ({' '.join(str(e).split())[:160]})") from None
+
+
+def check_image_shape(model, dataset, module):
+    """The data set's images have the shape the model makes (its image_size [1, C, H, W]); the item is read under
+    a forked random state, so the run's draws stay as they were."""
+    with torch.random.fork_rng(devices=[]):
+        shape, wanted = list(dataset[0][0].shape), list(model.image_size[1:])
+    if shape != wanted:
+        raise UserError(f"{module.__name__}.make_dataset() gives images of shape {shape}, but the model makes "
+                        f"{wanted}; give a user module whose data fit the model")
 
 
 def make_guidance_student(module, state_dict, source):
