@@ -52,7 +52,7 @@ from runtime import RunContext
 from samplers import select_steps
 from train_flags import distill_argument_parser, schedule_from_args
 from train_utils import Stage, distillation_loss, imitation_loss, train
-from user_modules import (data_channel_order, extra_args_fn, make_guidance_student, load_user_module,
+from user_modules import (check_image_shape, data_channel_order, extra_args_fn, make_guidance_student, load_user_module,
                           make_user_dataset, model_for_checkpoint)
 
 LEVEL_RECORDS = ("n_timesteps", "time_scale", "time_labels", "noise_levels", "grid", "schedule")
@@ -202,7 +202,8 @@ def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, kind=
     channel_order = checkpoint_channel_order(teacher_ckpt)  # the student keeps its teacher's order
     checkpoint_dir = os.path.join("checkpoints", args.name, dname)
     name, betas = checkpoint_schedule(teacher_ckpt)
-    meta = {**levels, "schedule": schedule_record(name, betas), "prediction": prediction,
+    network = {key: teacher_ckpt[key] for key in ("network",) if key in teacher_ckpt}  # a UNet2DModel stays one
+    meta = {**levels, **network, "schedule": schedule_record(name, betas), "prediction": prediction,
             "stage": {"halving": "distill", "guidance": "guidance", "prediction": "prediction"}[kind],
             "channel_order": channel_order, "teacher": {"path": teacher_path, "n_timesteps": n, "time_scale": time_scale},
             **record}
@@ -264,7 +265,11 @@ def main(argv=None):
     module = load_user_module(args.module)
     if args.guidance_distill:
         check_guidance_teacher(checkpoint_conditioning(base), args.base_checkpoint)
+        if "network" in base:
+            raise UserError(f"{args.base_checkpoint} is a UNet2DModel, which has no guidance-weight input; guidance "
+                            "distillation needs a user module's make_model(guidance_embedding=True)")
     dataset = make_user_dataset(module)
+    check_image_shape(model_for_checkpoint(module, base, args.base_checkpoint), dataset, module)
     teacher_path = args.base_checkpoint
     # (suffix of the stage's dname, its kind, its optimizer steps)
     stages = ([(args.prediction, "prediction", args.prediction_num_iters)]

@@ -40,12 +40,13 @@ def main(argv=None):
                              "loads and samples over the checkpoint's own steps")
     parser.add_argument("--overwrite", type=str2bool, default=False, help="with --for_diffusers: write into a non-empty folder")
     parser.add_argument("--module", default="", help="with --for_original or --for_diffusers: the user module whose "
-                                                     "make_model() builds the source's UNet")
+                                                     "make_model() builds the source's UNet (not needed for a "
+                                                     "UNet2DModel, which the checkpoint records)")
     args = parser.parse_args(argv)
     if args.for_original and args.for_diffusers:
         raise UserError("choose one of --for_original True and --for_diffusers True")
     wanted = "--for_original True" if args.for_original else "--for_diffusers True" if args.for_diffusers else ""
-    if wanted and not args.module:
+    if args.for_original and not args.module:
         raise UserError(f"{wanted} needs --module NAME, the user module whose make_model() builds the UNet")
     if args.module and not wanted:
         raise UserError("--module is used only with --for_original True or --for_diffusers True")
@@ -68,23 +69,31 @@ def main(argv=None):
 
 
 def export_diffusers(args):
-    """export_checkpoint.py --for_diffusers True: the checkpoint as a DDIMPipeline folder (diffusers_unet.py)."""
-    from diffusers_unet import NotExpressible, export_pipeline
-    from user_modules import load_model_from_checkpoint
+    """export_checkpoint.py --for_diffusers True: the checkpoint as a diffusers pipeline folder (diffusers_folder.py)."""
+    from diffusers_folder import export_pipeline
+    from diffusers_unet import NotExpressible
+    from user_modules import model_for_checkpoint
     if os.path.exists(args.target_dir) and not os.path.isdir(args.target_dir):
         raise UserError(f"cannot write into {args.target_dir}: it is a file, not a folder")
     if os.path.isdir(args.target_dir) and os.listdir(args.target_dir) and not args.overwrite:
         raise UserError(f"{args.target_dir} is not empty; choose an empty folder or give --overwrite True")
-    net, ckpt = load_model_from_checkpoint(load_user_module(args.module), args.source, "cpu")
+    ckpt = load_checkpoint(args.source)
+    if "network" not in ckpt and not args.module:
+        raise UserError("--for_diffusers True needs --module NAME, the user module whose make_model() builds the UNet")
+    net = model_for_checkpoint(load_user_module(args.module) if args.module else None, ckpt, args.source).eval()
     try:
-        note = export_pipeline(net.eval(), ckpt, args.target_dir)
+        kind, labels, note = export_pipeline(net, ckpt, args.target_dir, args.source)
     except NotExpressible as e:
         raise UserError(f"cannot export {args.source} to diffusers: {e}") from None
     if note:
         print(note)
-    steps = int(ckpt["n_timesteps"])
-    print(f"Wrote {args.target_dir}: DDIMPipeline.from_pretrained({args.target_dir!r})(num_inference_steps={steps}) "
-          "samples it")
+    if kind == "DDIMScheduler":
+        print(f"Wrote {args.target_dir}: DDIMPipeline.from_pretrained({args.target_dir!r})"
+              f"(num_inference_steps={len(labels)}) samples it")
+    else:
+        print(f"Wrote {args.target_dir}: its {len(labels)} steps do not divide the {labels[0] + 1} base steps, so its "
+              f"scheduler is {kind} (order 1: DDIM), to be given the time labels of timesteps.json through "
+              "scheduler.set_timesteps(timesteps=...)")
 
 
 if __name__ == "__main__":

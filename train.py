@@ -12,6 +12,7 @@ A class-conditional user module (one with NUM_CLASSES) trains a model for classi
 label is replaced by the null label with probability --cond_drop_prob (Ho & Salimans 2022, Algorithm 1), and
 the checkpoint records num_classes, null_label and cond_drop_prob.
 """
+import argparse
 import functools
 import os
 
@@ -21,13 +22,14 @@ from checkpoints import (OWN_COSINE_TABLE, SCHEDULE_GRID, checkpoint_channel_ord
                          checkpoint_schedule, checkpoint_time_labels, continued_checkpoint, same_schedule,
                          schedule_record)
 from cli import UserError, main_guard
+from diffusers_unet import DiffusersUNet
 from diffusion import model_grid, rescale_zero_terminal_snr
 from lr_schedules import check_training_arguments
 from runtime import RunContext
 from train_flags import schedule_from_args, train_argument_parser
 from train_utils import Stage, train, training_loss
-from user_modules import (data_channel_order, extra_args_fn, load_user_module, make_user_dataset, make_user_model,
-                          training_conditioning)
+from user_modules import (check_image_shape, data_channel_order, extra_args_fn, load_user_module, make_user_dataset,
+                          make_user_model, network_of, training_conditioning)
 
 
 def check_continued(resume, n, name, betas, prediction):
@@ -44,28 +46,45 @@ def check_continued(resume, n, name, betas, prediction):
         raise UserError(f"{path} predicts {checkpoint_prediction(ckpt)}, not --prediction {prediction}")
 
 
+def base_schedule(args, continued):
+    """(name, float64 betas, prediction) of the base model: the flags; those left unset take a continued file's
+    records (a model read from a diffusers folder, say), else the original's cosine schedule of 1024 steps and v."""
+    prediction = args.prediction or (checkpoint_prediction(continued) if continued is not None else "v")
+    schedule_flags = (args.schedule, args.num_timesteps, args.beta_start, args.beta_end, args.betas or None)
+    if continued is not None and schedule_flags == (None,) * 5 and not args.zero_terminal_snr:
+        name, betas = checkpoint_schedule(continued)
+        return name, betas, prediction
+    steps = args.num_timesteps
+    if steps is None and args.schedule != "table":
+        steps = 1024 if continued is None else round(continued["n_timesteps"] * continued["time_scale"])
+    name, betas = schedule_from_args(argparse.Namespace(**{**vars(args), "schedule": args.schedule or "cosine"}), steps)
+    if args.zero_terminal_snr:
+        if prediction == "eps":
+            raise UserError("--zero_terminal_snr True leaves no signal at the last step, where an eps prediction "
+                            "cannot give x; use --prediction v or x")
+        name, betas = f"{name}+zero_terminal_snr", rescale_zero_terminal_snr(betas)
+    return name, betas, prediction
+
+
 @main_guard
 def main(argv=None):
     args = train_argument_parser(__doc__).parse_args(argv)
     check_training_arguments(args)
-    name, betas = schedule_from_args(args, args.num_timesteps or (None if args.schedule == "table" else 1024))
-    if args.zero_terminal_snr:
-        if args.prediction == "eps":
-            raise UserError("--zero_terminal_snr True leaves no signal at the last step, where an eps prediction "
-                            "cannot give x; use --prediction v or x")
-        name, betas = f"{name}+zero_terminal_snr", rescale_zero_terminal_snr(betas)
+    checkpoint_dir = os.path.join("checkpoints", args.name, args.dname)
+    resume = continued_checkpoint(args.checkpoint_to_continue, checkpoint_dir)  # a rerun continues its own file
+    name, betas, prediction = base_schedule(args, None if resume is None else resume[0])
     n = len(betas)
+    if resume is not None:
+        check_continued(resume, n, name, betas, prediction)
     ctx = RunContext(args)
     torch.manual_seed(args.seed)
     module = load_user_module(args.module)
     record = training_conditioning(module, args.cond_drop_prob)
-    model = make_user_model(module)
+    # the network a continued file records (a UNet2DModel read from a diffusers folder), else the module's
+    model = (resume and network_of(*resume)) or make_user_model(module)
     dataset = make_user_dataset(module)
-    checkpoint_dir = os.path.join("checkpoints", args.name, args.dname)
-    resume = continued_checkpoint(args.checkpoint_to_continue, checkpoint_dir)  # a rerun continues its own file
-    weighting = args.weighting or {"eps": "snr", "x": "constant", "v": "snr+1"}[args.prediction]
-    if resume is not None:
-        check_continued(resume, n, name, betas, args.prediction)
+    check_image_shape(model, dataset, module)
+    weighting = args.weighting or {"eps": "snr", "x": "constant", "v": "snr+1"}[prediction]
 
     # A continued file keeps its time labels (at time scale 1 both conventions give the label i) and its
     # channel order; a new one takes the data's. The original's schedule keeps the noise_levels record of every
@@ -74,11 +93,12 @@ def main(argv=None):
     channel_order = data_channel_order(module) if resume is None else checkpoint_channel_order(resume[0])
     levels = {"noise_levels": OWN_COSINE_TABLE} if name == "cosine" else {"noise_levels": SCHEDULE_GRID,
                                                                           "grid": list(range(n - 1, -1, -1))}
-    meta = {"n_timesteps": n, "time_scale": 1, "time_labels": time_labels, **levels,
-            "schedule": schedule_record(name, betas), "prediction": args.prediction, "stage": "train",
+    network = {"network": model.record()} if isinstance(model, DiffusersUNet) else {}
+    meta = {"n_timesteps": n, "time_scale": 1, "time_labels": time_labels, **levels, **network,
+            "schedule": schedule_record(name, betas), "prediction": prediction, "stage": "train",
             "channel_order": channel_order, **record}
     grid = model_grid(betas, 1, time_labels)
-    loss = functools.partial(training_loss, grid=grid, prediction=args.prediction, weighting=weighting)
+    loss = functools.partial(training_loss, grid=grid, prediction=prediction, weighting=weighting)
     stage = Stage(model, loss, n, torch.float32, record, extra_args_fn(module), grid, checkpoint_dir, meta,
                   flip_channels=channel_order != data_channel_order(module))
     print(f"Training a {n}-step base model on {len(dataset)} images; output in {checkpoint_dir}")

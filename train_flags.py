@@ -116,13 +116,14 @@ def train_argument_parser(description):
     parser = ArgumentParser(description=description)
     add_common_arguments(parser)
     parser.add_argument("--num_timesteps", type=positive_int, default=None,
-                        help="diffusion steps N of the base model (unset: 1024, or the length of --betas)")
-    add_schedule_arguments(parser.add_argument_group("noise schedule"), "cosine")
+                        help="diffusion steps N of the base model (unset: a continued file's, else 1024, or the length of --betas)")
+    add_schedule_arguments(parser.add_argument_group("noise schedule (unset: a continued file's, else cosine)"), None)
     parser.add_argument("--zero_terminal_snr", type=str2bool, default=False,
                         help="rescale the schedule to zero SNR at the last step (Lin et al. 2023, Algorithm 1; "
                              "with --prediction v or x)")
-    parser.add_argument("--prediction", default="v", choices=PREDICTIONS,
-                        help="what the network predicts: eps (the noise, as DDPM), x (the clean image) or v")
+    parser.add_argument("--prediction", default=None, choices=PREDICTIONS,
+                        help="what the network predicts: eps (the noise, as DDPM), x (the clean image) or v (unset: a "
+                             "continued file's, else v)")
     parser.add_argument("--weighting", default=None, choices=X_ERROR_WEIGHTINGS,
                         help="weight of the x error in the loss: snr+1 (the MSE of v), snr (the MSE of eps, DDPM's), "
                              "truncated_snr (max(SNR, 1)), constant (the MSE of x); unset: the MSE of what the "
@@ -134,7 +135,8 @@ def train_argument_parser(description):
         dname_help="run name within the experiment; output goes to ./checkpoints/<name>/<dname>/",
         continue_help="checkpoint to continue: a file of train.py resumes exactly (model, EMA, optimizer, step); "
                       "a file of the original (weights only) starts at step 0 from its weights, keeping its "
-                      "time-label convention and channel order",
+                      "time-label convention and channel order; a diffusers pipeline folder starts at step 0 from "
+                      "its UNet2DModel, schedule and prediction",
         ema_help="EMA decay of the weights saved as G (0: no EMA, the raw weights are G)")
     parser.add_argument("--cond_drop_prob", type=unit_interval, default=None,
                         help="conditional modules (NUM_CLASSES) only: probability that a label is replaced by the null "
