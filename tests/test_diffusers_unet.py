@@ -9,7 +9,8 @@ from diffusers import UNet2DModel
 
 import digits_u
 from conftest import ROOT, run_script
-from diffusers_unet import NotExpressible, ddim_scheduler_config, unet2d_config, unet2d_state_dict
+from diffusers_folder import scheduler_config
+from diffusers_unet import NotExpressible, unet2d_config, unet2d_state_dict
 from sample_utils import image_noise
 from unet import UNet
 
@@ -140,34 +141,40 @@ def test_an_export_refuses_a_non_empty_folder_and_notes_rounded_frequencies(tmp_
     assert result.returncode == 2 and "needs --module" in result.stderr
 
 
-def test_labels_that_are_not_trailing_base_indices_are_refused():
+def test_trailing_labels_get_ddim_others_first_order_dpm_solver_and_fractional_labels_are_refused():
     from diffusion import make_beta_schedule, model_grid
-    grid = model_grid(make_beta_schedule("cosine", 4), time_scale=2, time_labels="original")  # labels i*s
-    with pytest.raises(NotExpressible, match="not the trailing points"):
-        ddim_scheduler_config(grid, "v")
-    trailing_of_12 = model_grid(make_beta_schedule("cosine", 12)).take([1, 4, 8, 11])  # labels 10, 7, 3, 0 of 12
-    with pytest.raises(NotExpressible, match="not the trailing points"):
-        ddim_scheduler_config(trailing_of_12, "v")
-    five_of_12 = model_grid(make_beta_schedule("cosine", 12)).take([0, 2, 4, 6, 9])  # labels 11, 9, 7, 5, 2
-    with pytest.raises(NotExpressible, match="do not divide the 12 base steps"):
-        ddim_scheduler_config(five_of_12, "v")
-    aligned = ddim_scheduler_config(model_grid(make_beta_schedule("cosine", 4), 2, "aligned"), "v")
+    aligned_grid = model_grid(make_beta_schedule("cosine", 4), 2, "aligned")  # labels 7, 5, 3, 1 of 8
+    kind, aligned = scheduler_config(aligned_grid, "v", 8)
     abar = torch.cumprod(1 - torch.tensor(aligned["trained_betas"], dtype=torch.float64), 0)
-    alpha = model_grid(make_beta_schedule("cosine", 4), 2, "aligned").alphas[:-1]
-    assert aligned["num_train_timesteps"] == 8
-    assert torch.allclose(abar[[7, 5, 3, 1]], alpha ** 2, rtol=1e-12)  # the levels at the labels (k + 1) 2 - 1
+    assert kind == "DDIMScheduler" and aligned["num_train_timesteps"] == 8
+    assert torch.allclose(abar[[7, 5, 3, 1]], aligned_grid.alphas[:-1] ** 2, rtol=1e-12)  # the levels at the labels
+    for indices in ([1, 4, 8, 11], [0, 2, 4, 6, 9]):  # labels 10, 7, 3, 0 and 11, 9, 7, 5, 2 of 12
+        grid = model_grid(make_beta_schedule("cosine", 12)).take(indices)
+        kind, config = scheduler_config(grid, "eps", 12)
+        abar = torch.cumprod(1 - torch.tensor(config["trained_betas"], dtype=torch.float64), 0)
+        assert kind == "DPMSolverMultistepScheduler" and config["solver_order"] == 1
+        assert torch.allclose(abar[grid.labels.long()], grid.alphas[:-1] ** 2, rtol=1e-12)
+        assert bool((abar[1:] < abar[:-1]).all())  # a decreasing table between and beyond the labels
+    halves = model_grid(make_beta_schedule("cosine", 4), 2.5, "aligned")  # labels 9.5, 7, ... : not indices
+    with pytest.raises(NotExpressible, match="not indices of the 10 base steps"):
+        scheduler_config(halves, "v", 10)
 
 
-def test_a_bgr_file_is_refused_and_an_rgb_one_of_the_same_network_exported(tmp_path):
+def test_a_bgr_file_is_exported_as_rgb_the_same_network_with_its_colour_channels_reversed(tmp_path):
     import colour_u
+    from diffusers import UNet2DModel
     torch.manual_seed(0)
     state = colour_u.make_model().state_dict()
+    for p in state.values():  # every layer active (the zero-initialised outputs too)
+        p.normal_(0, 0.2) if p.is_floating_point() else None
+    unets = {}
     for order in ("BGR", "RGB"):
         torch.save({"G": state, "n_timesteps": 8, "time_scale": 1, "channel_order": order}, tmp_path / f"{order}.pt")
         result = run_script("export_checkpoint.py", f"{order}.pt", order, "--for_diffusers", "True", "--module",
                             "colour_u", check=False, cwd=tmp_path)
-        if order == "BGR":
-            assert result.returncode == 2 and "makes BGR images" in result.stderr and result.stderr.count("\n") == 1
-            assert not os.path.exists(tmp_path / "BGR")
-        else:
-            assert result.returncode == 0 and (tmp_path / "RGB" / "unet" / "config.json").exists(), result.stderr
+        assert result.returncode == 0, result.stderr
+        unets[order] = UNet2DModel.from_pretrained(tmp_path / order / "unet").eval()
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 6])
+    flip = lambda v: v.flip(1)
+    with torch.no_grad():  # RGB in and out of the BGR network: the channels reversed on both sides
+        assert torch.allclose(unets["BGR"](x, t).sample, flip(unets["RGB"](flip(x), t).sample), atol=1e-5)
