@@ -12,6 +12,11 @@ back into float32 models).
 project samples the source: only the keys G, n_timesteps and time_scale, a network that takes the original's
 time labels i*s and produces BGR images (its sample.py writes them with OpenCV), by exact edits of the UNet's
 weights (original.for_original says which).
+
+--for_diffusers True writes a diffusers folder (model_index.json, unet/, scheduler/, timesteps.json): a
+DDIMPipeline when the checkpoint's labels are diffusers' trailing steps, else a DDPMPipeline with a first-order
+DPM-Solver scheduler run over timesteps.json's labels (diffusers_folder.export_pipeline). --module names the
+user module for this project's UNet; a checkpoint that records a UNet2DModel needs none.
 """
 import os
 
