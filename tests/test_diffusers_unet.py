@@ -82,12 +82,12 @@ N_IMAGES, SEED = 5, 4
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """A float32 digits chain: a base model of 8 steps and its 4- and 2-step students."""
+    """A float32 digits chain: a base model of 8 steps and its 4-, 2- and 1-step students."""
     folder = tmp_path_factory.mktemp("diffusers_chain")
     run = lambda *args: run_script(*args, cwd=folder)
     run("train.py", "--module", "digits_u", "--name", "d", "--dname", "original", "--num_timesteps", 8,
         "--num_iters", 3, "--batch_size", 4, *FAST)
-    run("distillate.py", "--module", "digits_u", "--name", "d", "--dname", "base", "--num_stages", 2,
+    run("distillate.py", "--module", "digits_u", "--name", "d", "--dname", "base", "--num_stages", 3,
         "--base_checkpoint", "checkpoints/d/original/checkpoint.pt", "--num_iters", 3, "--batch_size", 4, *FAST)
     # a DDPM-style teacher (linear schedule, eps, 16 steps): its v-predicting copy, then 8 and 4 steps
     run("train.py", "--module", "digits_u", "--name", "e", "--dname", "original", "--num_timesteps", 16,
@@ -98,7 +98,7 @@ def chain(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage, steps", [("d/original", 8), ("d/base_0", 4), ("d/base_1", 2),
-                                          ("e/original", 16), ("e/base_v", 16), ("e/base_1", 4)])
+                                          ("d/base_2", 1), ("e/original", 16), ("e/base_v", 16), ("e/base_1", 4)])
 def test_the_exported_folder_samples_the_images_of_sample_py(chain, stage, steps):
     from diffusers import DDIMPipeline
     checkpoint = f"checkpoints/{stage}/checkpoint.pt"
@@ -178,3 +178,38 @@ def test_a_bgr_file_is_exported_as_rgb_the_same_network_with_its_colour_channels
     flip = lambda v: v.flip(1)
     with torch.no_grad():  # RGB in and out of the BGR network: the channels reversed on both sides
         assert torch.allclose(unets["BGR"](x, t).sample, flip(unets["RGB"](flip(x), t).sample), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def original_weights():
+    """Random weights of the colour UNet (every layer active, small enough that DDIM's images are not all clipped)."""
+    import colour_u
+    torch.manual_seed(0)
+    state = colour_u.make_model().state_dict()
+    for name, p in state.items():
+        if p.is_floating_point() and "inv_freq" not in name:
+            p.normal_(0, 0.05)
+    return state
+
+
+@pytest.mark.parametrize("steps, time_scale", [(8, 1), (4, 2), (1, 8)])
+def test_an_original_file_exports_with_the_images_of_sample_py(tmp_path, original_weights, steps, time_scale):
+    """The original's three-key file (labels i*s, BGR): a base model and its 4- and 1-step students of the same
+    8-step table. sample.py draws the noise in the network's BGR order and stores RGB images; the exported RGB
+    folder, started from that noise with its channels reversed, gives those images."""
+    from diffusers import DiffusionPipeline
+    torch.save({"G": original_weights, "n_timesteps": steps, "time_scale": time_scale}, tmp_path / "original.pt")
+    run_script("export_checkpoint.py", "original.pt", "hub", "--for_diffusers", "True", "--module", "colour_u",
+               cwd=tmp_path)
+    run_script("sample.py", "--module", "colour_u", "--checkpoint", "original.pt", "--sampler", "ddim", "--num_images",
+               3, "--seed", SEED, "--device", "cpu", "--out_npz", "original.npz", "--float_samples", "True", cwd=tmp_path)
+    expected = torch.from_numpy(np.load(tmp_path / "original.npz")["samples"])
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "hub")
+    pipeline.scheduler.set_timesteps(steps)
+    assert pipeline.scheduler.timesteps.tolist() == list(range(8))[::-1][::time_scale]  # (i+1)*s - 1 of 8
+    x = image_noise(range(3), [3, 16, 16], SEED).flip(1)  # BGR noise, read as RGB
+    with torch.no_grad():
+        for t in pipeline.scheduler.timesteps:
+            x = pipeline.scheduler.step(pipeline.unet(x, t).sample, t, x).prev_sample
+    assert (expected.abs() < 0.98).float().mean() > 0.5  # images, not clipped noise
+    assert (x.clamp(-1, 1) - expected).abs().max() <= 1e-4
