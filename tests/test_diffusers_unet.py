@@ -112,13 +112,19 @@ def test_the_exported_folder_samples_the_images_of_sample_py(chain, stage, steps
     assert pipeline_config(chain / "hub" / stage)["prediction_type"] == {"eps": "epsilon", "v": "v_prediction"}[prediction]
     pipeline = DDIMPipeline.from_pretrained(chain / "hub" / stage)
     x = image_noise(range(N_IMAGES), [1, 8, 8], SEED)  # the same starting noise
+    assert (scheduler_loop(pipeline, steps, x) - expected).abs().max() <= 1e-4
+    images = pipeline(batch_size=2, num_inference_steps=steps, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+
+
+def scheduler_loop(pipeline, steps, x):
+    """Deterministic DDIM through diffusers: the pipeline's scheduler stepped over its `steps` timesteps from x,
+    the images clamped to [-1, 1] as sample.py stores them."""
     pipeline.scheduler.set_timesteps(steps)
     with torch.no_grad():
         for t in pipeline.scheduler.timesteps:
             x = pipeline.scheduler.step(pipeline.unet(x, t).sample, t, x, eta=0.0).prev_sample
-    assert (x.clamp(-1, 1) - expected).abs().max() <= 1e-4
-    images = pipeline(batch_size=2, num_inference_steps=steps, output_type="np").images
-    assert images.shape == (2, 8, 8, 1)
+    return x.clamp(-1, 1)
 
 
 def pipeline_config(folder):
@@ -205,11 +211,7 @@ def test_an_original_file_exports_with_the_images_of_sample_py(tmp_path, origina
                3, "--seed", SEED, "--device", "cpu", "--out_npz", "original.npz", "--float_samples", "True", cwd=tmp_path)
     expected = torch.from_numpy(np.load(tmp_path / "original.npz")["samples"])
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "hub")
-    pipeline.scheduler.set_timesteps(steps)
+    x = scheduler_loop(pipeline, steps, image_noise(range(3), [3, 16, 16], SEED).flip(1))  # BGR noise, read as RGB
     assert pipeline.scheduler.timesteps.tolist() == list(range(8))[::-1][::time_scale]  # (i+1)*s - 1 of 8
-    x = image_noise(range(3), [3, 16, 16], SEED).flip(1)  # BGR noise, read as RGB
-    with torch.no_grad():
-        for t in pipeline.scheduler.timesteps:
-            x = pipeline.scheduler.step(pipeline.unet(x, t).sample, t, x).prev_sample
     assert (expected.abs() < 0.98).float().mean() > 0.5  # images, not clipped noise
-    assert (x.clamp(-1, 1) - expected).abs().max() <= 1e-4
+    assert (x - expected).abs().max() <= 1e-4
