@@ -260,3 +260,38 @@ def test_the_published_google_ddpm_configurations_import_halve_and_export(tmp_pa
     assert any(not torch.equal(unet.state_dict()[k[len("unet."):]], v) for k, v in student["G"].items())  # it trained
     with open(tmp_path / "hub" / "timesteps.json") as f:
         assert json.load(f)["timesteps"] == student["grid"]
+
+
+def test_the_cifar10_module_builds_the_published_network_and_reads_cifar10(monkeypatch):
+    import torchvision
+    from PIL import Image
+
+    import cifar10_u
+    from cli import UserError
+    assert cifar10_u.UNET_CONFIG == CIFAR10 and cifar10_u.BASE_NUM_STEPS == 1000
+    model = cifar10_u.make_model()
+    assert model.image_size == [1, 3, 32, 32] and list(model.unet.config.block_out_channels) == [128, 256, 256, 256]
+
+    class FakeCIFAR10(torch.utils.data.Dataset):  # torchvision's class reads the downloaded archive; here: 2 images
+        def __init__(self, root, train, download, transform):
+            assert (root, train, download) == (cifar10_u.DATA_DIR, True, True)
+            self.transform = transform
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            pixels = np.array([[[0, 255, 128]] * 32] * 32, dtype=np.uint8)  # black, white and mid-grey channels
+            return self.transform(Image.fromarray(pixels)), 7
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    image, label = cifar10_u.make_dataset()[0]
+    assert label == 7 and image.shape == (3, 32, 32)
+    assert torch.allclose(image[:, 0, 0], torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]), atol=1e-6)
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(UserError, match="CIFAR-10 is not in .* and could not be downloaded"):
+        cifar10_u.make_dataset()
