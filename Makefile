@@ -43,7 +43,7 @@ reproduce-digits-eps: $(VENV)/.installed  ## a 1000-step linear-schedule eps tea
 reproduce-digits: $(VENV)/.installed  ## rerun the whole digits chain from scratch (about 45 minutes on 2 CPU cores)
 	bash bench/reproduce_digits.sh
 
-bench: $(VENV)/.installed  ## CPU benchmarks (digits, a 128x128 CelebA UNet, sample.py's memory against the number of images, the FID InceptionV3's rate); numbers go into bench/RESULTS.md by hand
+bench: $(VENV)/.installed  ## CPU benchmarks (digits, a 128x128 CelebA UNet, sample.py's memory against the number of images, the FID InceptionV3's rate, train.py and sample.py against diffusers' training example and DDIMPipeline); numbers go into bench/RESULTS.md by hand
 	mkdir -p bench/out
 	$(PY) bench/bench.py --module digits_u --device cpu --batch_size 128 --num_timesteps 128 --threads 2 --json bench/out/digits_cpu.json
 	$(PY) bench/bench.py --module celeba_u --device cpu --batch_size 1 --resolution 128 --threads 2 --iters 3 --warmup 1 \
@@ -51,6 +51,7 @@ bench: $(VENV)/.installed  ## CPU benchmarks (digits, a 128x128 CelebA UNet, sam
 	$(PY) bench/sample_memory.py --counts 2000,20000 --json bench/out/sample_memory.json
 	$(PY) bench/inception_rate.py --device cpu --threads 1 --batch_size 25 --iters 3 --json bench/out/inception_rate_cpu1.json
 	$(PY) bench/inception_rate.py --device cpu --threads 2 --batch_size 25 --iters 3 --json bench/out/inception_rate_cpu2.json
+	$(PY) bench/diffusers_speed.py --device cpu --threads 2 --json bench/out/diffusers_speed_cpu.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -25,7 +25,11 @@ WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
               "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
               "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-              "LMSDiscreteScheduler")
+              "LMSDiscreteScheduler", "GaussianDDPMScheduler")
+# Names of diffusers' first releases that the google/ddpm-* hub repositories still keep in their top-level
+# model_index.json and scheduler_config.json: GaussianDDPMScheduler (DDPMScheduler; its "timesteps" is
+# num_train_timesteps) and UNetUnconditionalModel (UNet2DModel).
+UNET_CLASSES = ("UNet2DModel", "UNetUnconditionalModel")
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 PREDICTION_OF = {"epsilon": "eps", "sample": "x", "v_prediction": "v"}
 DIFFUSERS_PREDICTION = {ours: theirs for theirs, ours in PREDICTION_OF.items()}
@@ -65,7 +69,7 @@ def _check_pipeline(index, folder):
         raise UserError(f"{folder} is a text-conditioned pipeline ({pipeline}, with a {text[0]}); this project "
                         f"distils {SUPPORTED}")
     unet = components.get("unet")
-    if not unet or unet[-1] != "UNet2DModel":
+    if not unet or unet[-1] not in UNET_CLASSES:
         raise UserError(f"{folder}'s pipeline {pipeline} has {'a ' + unet[-1] if unet else 'no unet'} as its unet; "
                         f"this project distils {SUPPORTED}")
 
@@ -96,7 +100,7 @@ def _check_unet(config, folder):
 
 def _schedule(config, folder):
     """(name, float64 betas) of a scheduler configuration."""
-    n = config.get("num_train_timesteps", 1000)
+    n = config.get("num_train_timesteps", config.get("timesteps", 1000))
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise UserError(f"{folder}'s scheduler has num_train_timesteps {n!r}; it must be an integer of at least 2")
     if config.get("trained_betas") is not None:

@@ -6,7 +6,10 @@
 FLOPs per image are counted with torch's FlopCounterMode on the meta device (no weights, no data, seconds on
 any machine): F the forward of the UNet, B its forward+backward. One training step costs B per image; one
 distillation step (Algorithm 2) two teacher forwards and the student's forward+backward, 2F + B per image;
-sampling one image with S steps S F. The GPU hours divide the total by --tflops, the sustained rate assumed
+sampling one image with S steps S F. A teacher that predicts eps or x (--teacher_prediction) first gets distillate.py's
+change of prediction: one stage of the halvings' updates (--prediction_num_iters unset), F + B per image. N base steps
+give floor(log2 N) - log2(final) halvings (distillate.halving_levels: 1000 steps are first sampled on 512).
+The GPU hours divide the total by --tflops, the sustained rate assumed
 for one GPU (default: 40% of an H100 SXM's 989 dense bf16 TFLOP/s, the project's GPU goal for a training
 step, not a measurement) and are an estimate of that arithmetic only: data loading, checkpoints and
 evaluation come on top.
@@ -48,6 +51,8 @@ def main():
     parser.add_argument("--resolution", type=int, default=0, help="H = W (0: the module's)")
     parser.add_argument("--base_steps", type=int, default=1024, help="steps of the base model")
     parser.add_argument("--final_steps", type=int, default=4, help="steps of the last student")
+    parser.add_argument("--teacher_prediction", default="v", choices=["eps", "x", "v"],
+                        help="what the base model predicts (eps or x: a change-of-prediction stage first)")
     parser.add_argument("--tflops", type=float, default=0.4 * 989, help="sustained TFLOP/s of one GPU (assumed)")
     parser.add_argument("--out", default="", help="also write the table here (markdown)")
     args = parser.parse_args()
@@ -55,19 +60,23 @@ def main():
     forward, backward, shape = counted_flops(module, args.resolution)
     halvings = (args.base_steps // args.final_steps).bit_length() - 1
     step = 2 * forward + backward  # per image of one distillation step
+    change = forward + backward if args.teacher_prediction != "v" else 0  # per image of the change of prediction
     rate = args.tflops * 1e12
     lines = [f"Compute of distilling `{args.module}` ({'x'.join(map(str, shape))}) from {args.base_steps} to "
              f"{args.final_steps} steps ({halvings} halvings), from FLOPs counted by `bench/recipe_cost.py` "
              f"(FlopCounterMode, meta device): forward F = {forward / 1e9:.1f} GFLOP, forward+backward B = "
-             f"{backward / 1e9:.1f} GFLOP per image; a distillation step 2F + B = {step / 1e9:.1f} GFLOP per image. "
+             f"{backward / 1e9:.1f} GFLOP per image; a distillation step 2F + B = {step / 1e9:.1f} GFLOP per image"
+             + (f"; the {args.teacher_prediction} teacher's change of prediction to v first, F + B = {change / 1e9:.1f} "
+                "GFLOP per image, as many updates as a halving" if change else "") + ". "
              f"GPU hours at an assumed sustained {args.tflops:.0f} TFLOP/s per GPU (40% of an H100 SXM's dense bf16 "
              "peak by default; not measured here).", "",
-             "| recipe | images per halving | PFLOP per halving | all halvings: PFLOP | GPU hours (one GPU) |",
+             f"| recipe | images per halving | PFLOP per halving | all {'stages' if change else 'halvings'}: PFLOP | GPU hours (one GPU) |",
              "|---|---:|---:|---:|---:|"]
     for name, what, images in RECIPES:
         per_halving = images * step
-        lines.append(f"| {name}: {what} | {images:,} | {per_halving / 1e15:,.1f} | {halvings * per_halving / 1e15:,.1f} | "
-                     f"{halvings * per_halving / rate / 3600:,.1f} |")
+        total = halvings * per_halving + images * change
+        lines.append(f"| {name}: {what} | {images:,} | {per_halving / 1e15:,.1f} | {total / 1e15:,.1f} | "
+                     f"{total / rate / 3600:,.1f} |")
     sampling = [f"{s} step{'s' if s > 1 else ''}: {s * forward / 1e9:,.1f} GFLOP" for s in (args.base_steps, 8, args.final_steps, 1)]
     lines += ["", f"Sampling one image: {'; '.join(sampling)} (classifier-free guidance doubles the base model's). "
               f"FID-50k of one {args.final_steps}-step student: {50_000 * args.final_steps * forward / rate / 3600:.2f} GPU "

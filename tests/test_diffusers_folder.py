@@ -235,6 +235,17 @@ CELEBAHQ = dict(CIFAR10, sample_size=256, block_out_channels=[128, 128, 256, 256
                 up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4)
 
 
+def test_the_first_releases_scheduler_names_and_timesteps_key_are_read(tmp_path):
+    from checkpoints import load_checkpoint
+    folder = save_pipeline(tmp_path / "old")
+    legacy = {"_class_name": "GaussianDDPMScheduler", "beta_schedule": "linear", "beta_start": 0.0001,
+              "beta_end": 0.02, "timesteps": 8, "variance_type": "fixed_large"}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(legacy))
+    ckpt = load_checkpoint(str(folder))
+    assert ckpt["n_timesteps"] == 8 and ckpt["prediction"] == "eps" and ckpt["schedule"]["name"] == "linear"
+    assert ckpt["schedule"]["betas"][-1] == pytest.approx(0.02) and ckpt["schedule"]["betas"][0] == pytest.approx(1e-4)
+
+
 @pytest.mark.parametrize("config, module, layout", [(CIFAR10, "rgb_noise_u", "flat"),
                                                     (CELEBAHQ, "rgb_noise256_u", "pipeline")],
                          ids=["ddpm-cifar10-32", "ddpm-celebahq-256"])
@@ -242,9 +253,14 @@ def test_the_published_google_ddpm_configurations_import_halve_and_export(tmp_pa
     torch.manual_seed(0)
     unet = UNet2DModel(**config)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
-    if layout == "flat":  # the hub repositories keep config.json, the weights and scheduler_config.json side by side
-        unet.save_pretrained(tmp_path / "google")
-        scheduler.save_pretrained(tmp_path / "google")
+    if layout == "flat":  # google/ddpm-cifar10-32 keeps config.json and the weights at the top, beside the first
+        unet.save_pretrained(tmp_path / "google")  # release's model_index.json and scheduler_config.json (as published)
+        index = {"_class_name": "DDPMPipeline", "_module": "modeling_ddpm.py", "scheduler": ["diffusers", "DDPMScheduler"],
+                 "unet": ["diffusers", "UNetUnconditionalModel"]}
+        legacy = {"_class_name": "GaussianDDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+                  "beta_start": 0.0001, "timesteps": 1000, "variance_type": "fixed_large"}
+        for name, data in [("model_index.json", index), ("scheduler_config.json", legacy)]:
+            (tmp_path / "google" / name).write_text(json.dumps(data))
     else:
         save_pipeline(tmp_path / "google", unet, scheduler)
     run_script("distillate.py", "--module", module, "--name", "g", "--dname", "s", "--base_checkpoint", "google",
