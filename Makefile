@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test evaluate evaluate-guided reproduce-digits reproduce-digits-cond reproduce-digits-eps evaluate-eps bench clean-venv
+.PHONY: demo test evaluate evaluate-guided reproduce-digits reproduce-digits-cond reproduce-digits-eps evaluate-eps export-digits-diffusers bench clean-venv
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ reproduce-digits-eps: $(VENV)/.installed  ## a 1000-step linear-schedule eps tea
 
 reproduce-digits: $(VENV)/.installed  ## rerun the whole digits chain from scratch (about 45 minutes on 2 CPU cores)
 	bash bench/reproduce_digits.sh
+
+export-digits-diffusers: $(VENV)/.installed  ## every shipped digits checkpoint as a diffusers folder in hub/<chain>/<stage>, and its images against sample.py's: bench/diffusers_exports.md
+	$(PY) bench/diffusers_exports.py --out_dir hub --report bench/diffusers_exports.md
 
 bench: $(VENV)/.installed  ## CPU benchmarks (digits, a 128x128 CelebA UNet, sample.py's memory against the number of images, the FID InceptionV3's rate, train.py and sample.py against diffusers' training example and DDIMPipeline); numbers go into bench/RESULTS.md by hand
 	mkdir -p bench/out

@@ -215,3 +215,28 @@ def test_an_original_file_exports_with_the_images_of_sample_py(tmp_path, origina
     assert pipeline.scheduler.timesteps.tolist() == list(range(8))[::-1][::time_scale]  # (i+1)*s - 1 of 8
     assert (expected.abs() < 0.98).float().mean() > 0.5  # images, not clipped noise
     assert (x - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("stage", ["digits/base_4", "digits_eps/base_6", "digits_cond/original"])
+def test_the_shipped_chains_export_with_the_images_of_their_files(tmp_path, stage):
+    """The shipped 4-step students of the cosine/v and the linear-eps chains, and the conditional teacher (with class
+    labels): the folder's scheduler gives the file's DDIM images with the exact time-embedding frequencies (1e-4), and
+    within 2e-2 of those of the file's float16-rounded ones (bench/diffusers_exports.md has every stage)."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from diffusers_exports import CHAINS, compare
+    from user_modules import load_user_module
+    chain = stage.split("/")[0]
+    checkpoint = os.path.join(ROOT, "checkpoints", stage, "checkpoint.pt")
+    run_script("export_checkpoint.py", checkpoint, "hub", "--for_diffusers", "True", "--module", CHAINS[chain], cwd=tmp_path)
+    row = compare(load_user_module(CHAINS[chain]), checkpoint, str(tmp_path / "hub"), 8, 0)
+    assert row["max_abs_exact"] <= 1e-4 and row["max_abs_stored"] <= 2e-2
+    assert row["steps"] == (128 if chain == "digits_cond" else 4)
+
+
+def test_the_shipped_guidance_weight_students_are_refused_in_one_line(tmp_path):
+    shipped = os.path.join(ROOT, "checkpoints", "digits_cond", "guided_4", "checkpoint.pt")
+    result = run_script("export_checkpoint.py", shipped, "hub", "--for_diffusers", "True", "--module", "digits_cond_u",
+                        check=False, cwd=tmp_path)
+    assert result.returncode == 2 and "guidance weight w as an input" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "hub").exists()
