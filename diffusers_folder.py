@@ -284,13 +284,10 @@ def export_pipeline(net, ckpt, folder, source):
     """Write `folder`, a diffusers pipeline of the checkpoint's model that samples it with DDIM over its own grid:
     DDIMPipeline (DDIMScheduler) where S steps divide the base steps — `DDIMPipeline.from_pretrained(folder)
     (num_inference_steps=S)` — else DDPMPipeline with DPMSolverMultistepScheduler of order 1, stepped over the
-    labels of timesteps.json (written for every export). Returns (scheduler class, labels, a note when the file's
-    time-embedding frequencies are not the exact ones diffusers computes (a float16 copy made before they were
-    kept in float32), else None)."""
+    labels of timesteps.json (written for every export). Returns (scheduler class, labels)."""
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler
 
     from checkpoints import checkpoint_grid, checkpoint_prediction, checkpoint_schedule
-    from unet import TimeEmbedding, UNet
     model, ckpt = diffusers_network(net, ckpt, source)
     grid = checkpoint_grid(ckpt)
     kind, config = scheduler_config(grid, checkpoint_prediction(ckpt), len(checkpoint_schedule(ckpt)[1]))
@@ -304,11 +301,4 @@ def export_pipeline(net, ckpt, folder, source):
         json.dump({"timesteps": labels, "scheduler": kind,
                    "use": "scheduler.set_timesteps(timesteps=timesteps)" if kind != "DDIMScheduler" else
                           f"scheduler.set_timesteps({len(labels)})"}, f, indent=1)
-    note = None
-    if isinstance(net, UNet):
-        stored, exact = net.time[0].inv_freq.float().cpu(), TimeEmbedding(net.time[0].dim).inv_freq
-        if not torch.equal(stored, exact):
-            error = float(((stored - exact).abs() / exact).max())
-            note = (f"note: the checkpoint stores its time embedding's frequencies rounded (up to {error:.1e} relative); "
-                    "diffusers computes them exactly, so the folder's network differs slightly from the file's")
-    return kind, labels, note
+    return kind, labels

@@ -87,11 +87,9 @@ def export_diffusers(args):
         raise UserError("--for_diffusers True needs --module NAME, the user module whose make_model() builds the UNet")
     net = model_for_checkpoint(load_user_module(args.module) if args.module else None, ckpt, args.source).eval()
     try:
-        kind, labels, note = export_pipeline(net, ckpt, args.target_dir, args.source)
+        kind, labels = export_pipeline(net, ckpt, args.target_dir, args.source)
     except NotExpressible as e:
         raise UserError(f"cannot export {args.source} to diffusers: {e}") from None
-    if note:
-        print(note)
     if kind == "DDIMScheduler":
         print(f"Wrote {args.target_dir}: DDIMPipeline.from_pretrained({args.target_dir!r})"
               f"(num_inference_steps={len(labels)}) samples it")

@@ -167,11 +167,14 @@ def aligned_rgb(ckpt, model, source):
 
 def _edited(state_dict, model, offset, flip):
     """The UNet's weights with labels shifted by `offset` (W' emb(t) = W emb(t + offset)) and, with flip, the
-    image channels reversed at the first convolution's input and the last one's output."""
+    image channels reversed at the first convolution's input and the last one's output; the time embedding's
+    frequencies are the computed ones."""
     G = clean_state_dict(state_dict)
-    edited = {}
+    # the frequencies this project computes (a float16 file's copy may be rounded), which the original reads from the file
+    frequencies = model.time[0].inv_freq.detach().cpu()
+    edited = {"time.0.inv_freq": frequencies}
     if offset:
-        edited["time.1.weight"] = rotate_time_embedding(G["time.1.weight"], G["time.0.inv_freq"], offset)
+        edited["time.1.weight"] = rotate_time_embedding(G["time.1.weight"], frequencies, offset)
     if flip:
         perm = colour_permutation(model.in_channel, model.fold)
         edited["down.0.weight"] = G["down.0.weight"][:, perm]
