@@ -545,6 +545,14 @@ def machine_info(b):
     return info
 
 
+def write_json(path, report):
+    """The report as JSON at path (its folder made where missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {path}")
+
+
 def goal_checks(b, results, baseline):
     """(name, value, threshold, passed) for the goals of the issue that this run's numbers speak to."""
     checks = []
@@ -641,10 +649,7 @@ def main(argv=None):
               "machine": machine, "config": config, "command": [os.path.relpath(__file__, ROOT)] + sys.argv[1:],
               "results": results, "goals": checks, "speedups": speedups, "baseline": args.baseline or None}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

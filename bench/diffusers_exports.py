@@ -32,8 +32,9 @@ from user_modules import load_model_from_checkpoint, load_user_module  # noqa: E
 CHAINS = {"digits": "digits_u", "digits_cond": "digits_cond_u", "digits_eps": "digits_u"}  # folder -> user module
 
 
-def diffusers_ddim(folder, x, labels):
-    """The exported folder's scheduler stepped from x over the labels of timesteps.json, clamped to [-1, 1]."""
+def diffusers_ddim(folder, x, labels=None):
+    """The exported folder's scheduler stepped from x over the labels of timesteps.json (the class labels given to a
+    conditional UNet): (the images clamped to [-1, 1] as sample.py stores them, the scheduler)."""
     pipeline = DiffusionPipeline.from_pretrained(folder)
     with open(os.path.join(folder, "timesteps.json")) as f:
         timesteps = json.load(f)["timesteps"]
@@ -44,7 +45,7 @@ def diffusers_ddim(folder, x, labels):
     with torch.no_grad():
         for t in pipeline.scheduler.timesteps:
             x = pipeline.scheduler.step(pipeline.unet(x, t, class_labels=labels).sample, t, x).prev_sample
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1), pipeline.scheduler
 
 
 def project_ddim(model, ckpt, indices, seed, labels):
@@ -59,7 +60,7 @@ def compare(module, checkpoint, folder, n_images, seed):
     model, ckpt = load_model_from_checkpoint(module, checkpoint, "cpu")
     indices = range(n_images)
     labels = torch.arange(n_images) % ckpt["num_classes"] if "num_classes" in ckpt else None
-    theirs = diffusers_ddim(folder, image_noise(indices, model.image_size[1:], seed), labels)
+    theirs, _ = diffusers_ddim(folder, image_noise(indices, model.image_size[1:], seed), labels)
     ours = project_ddim(model, ckpt, indices, seed, labels)
     return {"steps": int(ckpt["n_timesteps"]), "max_abs": float((theirs - ours).abs().max()),
             "uint8_differ": int((to_uint8(theirs) != to_uint8(ours)).sum()), "values": theirs.numel()}

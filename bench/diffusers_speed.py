@@ -22,7 +22,6 @@ A ratio is this project's rate over diffusers'; the goal is at least 1.0 for eve
 import argparse
 import datetime
 import functools
-import json
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
 import cifar10_u  # noqa: E402
-from bench import machine_info  # noqa: E402
+from bench import machine_info, write_json  # noqa: E402
 from checkpoints import checkpoint_prediction, checkpoint_time_labels, load_checkpoint, load_weights  # noqa: E402
 from diffusion import model_grid  # noqa: E402
 from runtime import RunContext  # noqa: E402
@@ -240,10 +239,7 @@ def main(argv=None):
               "command": [os.path.relpath(__file__, ROOT)] + sys.argv[1:],
               "results": {"train": train_row, "sample": sample_rows}, "goals": goals}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

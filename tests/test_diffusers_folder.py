@@ -4,6 +4,7 @@ images of sample.py, the published configurations of google/ddpm-*, and the refu
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -11,10 +12,13 @@ import torch
 from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
                        PNDMScheduler, UNet2DModel)
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from diffusion import model_grid
 from sample_shards import file_fingerprint
 from sample_utils import image_noise
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from diffusers_exports import diffusers_ddim  # noqa: E402  (bench/diffusers_exports.py: the scheduler loop)
 
 FAST = ["--device", "cpu", "--num_workers", 0, "--log_every", 1, "--log_images", 0, "--seed", 0]
 N_IMAGES, SEED = 3, 4
@@ -69,22 +73,6 @@ def test_the_chain_keeps_the_unet2dmodel_and_the_folders_schedule(chain):
     assert file_fingerprint(chain / "ddpm-digits") == fingerprint  # the source folder is only read
 
 
-def diffusers_ddim(folder, x):
-    """DDIM through diffusers over an exported folder: its scheduler stepped over timesteps.json's labels."""
-    pipeline = DiffusionPipeline.from_pretrained(folder)
-    with open(os.path.join(folder, "timesteps.json")) as f:
-        labels = json.load(f)["timesteps"]
-    if isinstance(pipeline.scheduler, DDIMScheduler):
-        pipeline.scheduler.set_timesteps(len(labels))
-    else:
-        pipeline.scheduler.set_timesteps(timesteps=labels)
-    assert pipeline.scheduler.timesteps.tolist() == labels
-    with torch.no_grad():
-        for t in pipeline.scheduler.timesteps:
-            x = pipeline.scheduler.step(pipeline.unet(x, t).sample, t, x).prev_sample
-    return x.clamp(-1, 1), type(pipeline.scheduler).__name__
-
-
 def sample_py_ddim(folder, checkpoint, shape_args=("--module", "digits_u")):
     out = checkpoint.replace("/", "_") + ".npz"
     run_script("sample.py", *shape_args, "--checkpoint", checkpoint, "--sampler", "ddim", "--num_images", N_IMAGES,
@@ -103,8 +91,10 @@ def test_exported_unet2dmodel_students_sample_the_images_of_sample_py(chain, sta
     target = f"hub/{stage.replace('/', '_')}"
     run_script("export_checkpoint.py", stage, target, "--for_diffusers", "True", cwd=chain)  # no module needed
     expected = sample_py_ddim(chain, stage)
-    got, kind = diffusers_ddim(chain / target, image_noise(range(N_IMAGES), [1, 8, 8], SEED))
-    assert kind == scheduler
+    got, used = diffusers_ddim(chain / target, image_noise(range(N_IMAGES), [1, 8, 8], SEED))
+    with open(chain / target / "timesteps.json") as f:
+        assert used.timesteps.tolist() == json.load(f)["timesteps"]
+    assert type(used).__name__ == scheduler
     assert (expected.abs() < 0.98).float().mean() > 0.5  # images, not clipped noise
     assert (got - expected).abs().max() <= 1e-4
     assert (sample_py_ddim(chain, target) - expected).abs().max() <= 1e-5  # the exported folder comes back as itself
