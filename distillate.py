@@ -93,13 +93,13 @@ def described_teacher(ckpt, args, source):
     return ckpt
 
 
-def halving_levels(teacher_ckpt, source):
+def halving_levels(teacher_ckpt, source, points=None):
     """(the teacher's grid that the halving distils, the student's level records). A teacher on its own cosine
     table of even N steps gets a student on the fresh table of N/2 steps at twice the time scale (as the
     original). A teacher on its schedule's grid of S points is sampled on the trailing P points of it (P the
-    largest power of two <= S: the teacher's DDIM at P steps, all S when S is a power of two), and its student
-    takes every other one of them, noisiest first: so the grids of a chain nest down to one step, and each
-    student's time labels are the base indices of its levels, as for the teacher."""
+    given power of two <= S, by default the largest: the teacher's DDIM at P steps, all S when S is a power of
+    two), and its student takes every other one of them, noisiest first: so the grids of a chain nest down to
+    one step, and each student's time labels are the base indices of its levels, as for the teacher."""
     n, time_scale = int(teacher_ckpt["n_timesteps"]), teacher_ckpt["time_scale"]
     teacher_grid = checkpoint_grid(teacher_ckpt)
     if teacher_ckpt.get("noise_levels", OWN_COSINE_TABLE) == OWN_COSINE_TABLE:
@@ -110,12 +110,25 @@ def halving_levels(teacher_ckpt, source):
                               "noise_levels": OWN_COSINE_TABLE}
     if n < 2:
         raise UserError(f"cannot distil {source}: it samples in {n} step; a teacher needs at least 2")
-    points = 1 << (n.bit_length() - 1)
+    points = points or 1 << (n.bit_length() - 1)
     teacher_grid = teacher_grid.take(grid_indices(n, select_steps(teacher_grid, points, "time")))
     student = [int(label) for label in teacher_grid.labels[0::2]]
     base = len(checkpoint_schedule(teacher_ckpt)[1])
     return teacher_grid, {"n_timesteps": len(student), "time_scale": base / len(student), "time_labels": "aligned",
                           "noise_levels": SCHEDULE_GRID, "grid": student}
+
+
+def check_teacher_steps(points, base, source):
+    """--teacher_steps P: a power of two, 2 <= P <= S, for a teacher on its schedule's grid of S steps."""
+    if points is None:
+        return
+    n = int(base["n_timesteps"])
+    if base.get("noise_levels", OWN_COSINE_TABLE) == OWN_COSINE_TABLE:
+        raise UserError(f"--teacher_steps applies to a teacher on its schedule's grid; {source} samples on its own "
+                        f"cosine table, whose halvings go from {n} to {n // 2} steps: leave the flag out")
+    if points < 2 or points & (points - 1) or points > n:
+        raise UserError(f"--teacher_steps {points}: the first halving needs a power of two between 2 and the "
+                        f"teacher's {n} steps")
 
 
 def check_teacher(resume, resume_path, teacher_path, n, time_scale):
@@ -170,12 +183,14 @@ def prepare_teacher(args, ctx, teacher):
 STAGE_KINDS = ("halving", "guidance", "prediction")
 
 
-def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, kind="halving", describe=False):
+def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, kind="halving", describe=False,
+                  teacher_steps=None):
     """One stage: the teacher at teacher_path -> a student in checkpoints/<name>/<dname>. kind "halving":
     Algorithm 2, half the teacher's steps (halving_levels); "guidance": stage one of guidance distillation (the
     teacher's steps, a w-input student); "prediction": the teacher's steps, a student that predicts
     --prediction. resume: (checkpoint, path) to continue, or None. describe: the teacher is the base checkpoint,
-    which the teacher flags describe (described_teacher). Returns the student's path and the status."""
+    which the teacher flags describe (described_teacher). teacher_steps: the halving's teacher points (P of
+    halving_levels). Returns the student's path and the status."""
     teacher_ckpt = load_checkpoint(teacher_path, map_location="cpu")
     if describe:
         teacher_ckpt = described_teacher(teacher_ckpt, args, teacher_path)
@@ -196,7 +211,7 @@ def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, kind=
         levels, prediction = same_levels, args.prediction
         student = model_for_checkpoint(module, teacher_ckpt, teacher_path)
     else:
-        teacher_grid, levels = halving_levels(teacher_ckpt, teacher_path)
+        teacher_grid, levels = halving_levels(teacher_ckpt, teacher_path, teacher_steps)
         prediction = args.prediction
         student = model_for_checkpoint(module, teacher_ckpt, teacher_path)
     channel_order = checkpoint_channel_order(teacher_ckpt)  # the student keeps its teacher's order
@@ -223,7 +238,8 @@ def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, kind=
     else:
         guided = ClassifierFreeGuidance(teacher, record["null_label"]) if kind == "guidance" else teacher
         loss = functools.partial(imitation_loss, teacher=guided, grid=teacher_grid,
-                                 teacher_prediction=teacher_prediction, prediction=prediction)
+                                 teacher_prediction=teacher_prediction, prediction=prediction,
+                                 weighting=args.prediction_weighting if kind == "prediction" else "snr+1")
         n_levels, eps_dtype = n, torch.float32
         what = (f"under guidance w in [{args.w_min:g}, {args.w_max:g}] (a w-input model, same steps)"
                 if kind == "guidance" else f"(same steps, predicting {prediction} instead of {teacher_prediction})")
@@ -260,6 +276,7 @@ def main(argv=None):
         raise UserError(f"--gamma {args.gamma} weights the v error, which --weighting truncated_snr does not use; "
                         "give --gamma 0, or --weighting snr+1 for the original's weighted loss")
     base = described_teacher(load_checkpoint(args.base_checkpoint), args, args.base_checkpoint)  # fail early
+    check_teacher_steps(args.teacher_steps, base, args.base_checkpoint)
     ctx = RunContext(args)
     torch.manual_seed(args.seed)
     module = load_user_module(args.module)
@@ -283,7 +300,8 @@ def main(argv=None):
                                       os.path.join("checkpoints", args.name, dname))
         stage_args = argparse.Namespace(**{**vars(args), "num_iters": num_iters}) if num_iters else args
         teacher_path, status = distill_stage(stage_args, ctx, module, dataset, teacher_path, dname, resume, kind,
-                                             describe=number == 0)
+                                             describe=number == 0,
+                                             teacher_steps=args.teacher_steps if suffix == 0 else None)
         if status == "stopped":
             break
     ctx.close()

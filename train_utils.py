@@ -132,9 +132,10 @@ def distillation_loss(student, x, draws, extra_args, *, teacher, teacher_grid, s
     return loss * (1 + alpha_s / sigma_s).pow(2 * gamma).float().flatten() if gamma else loss
 
 
-def imitation_loss(student, x, draws, extra_args, *, teacher, grid, teacher_prediction="v", prediction="v"):
-    """A student with the teacher's levels matches the teacher's prediction at z of step t, weighted "snr+1" on
-    the x error (the MSE of v for v networks). Two uses: stage one of guidance distillation (Meng et al. Sec.
+def imitation_loss(student, x, draws, extra_args, *, teacher, grid, teacher_prediction="v", prediction="v",
+                   weighting="snr+1"):
+    """A student with the teacher's levels matches the teacher's prediction at z of step t, `weighting` on the x
+    error (diffusion.x_error_weight; "snr+1", the MSE of v for v networks). Two uses: stage one of guidance distillation (Meng et al. Sec.
     3.1: teacher the guided v_w(z, c) of guidance.ClassifierFreeGuidance, reading y and w from extra_args, and a
     w-input student), and a change of parameterisation (an eps teacher, a v or x student from its weights)."""
     position = _at(grid, draws.t)
@@ -147,7 +148,7 @@ def imitation_loss(student, x, draws, extra_args, *, teacher, grid, teacher_pred
             x_hat = predict_start(teacher_prediction, z.double(), target.double(), alpha, sigma)
             target = prediction_target(prediction, z.double(), x_hat, alpha, sigma)
     out = student(z, label, **extra_args)
-    return weighted_error(out, target, "snr+1", prediction, alpha, sigma)
+    return weighted_error(out, target, weighting, prediction, alpha, sigma)
 
 
 class Stage(NamedTuple):

@@ -110,6 +110,9 @@ def write_run_folder(folder, server, logs, marker):
     linear = torch.linspace(1e-4, 0.02, 8, dtype=torch.float64)
     save({"G": g, "n_timesteps": 1, "time_scale": 8.0, "time_labels": "aligned", "noise_levels": "schedule_grid",
           "grid": [7], "schedule": {"name": "linear", "betas": linear}, "prediction": "v"}, ck / "one_step_grid.pt")
+    save({"G": g, "n_timesteps": 8, "time_scale": 1, "time_labels": "aligned", "noise_levels": "schedule_grid",
+          "grid": list(range(7, -1, -1)), "schedule": {"name": "linear", "betas": linear}, "prediction": "v"},
+         ck / "linear8.pt")
     (ck / "betas_bad.txt").write_text("\n".join(["0.01"] * 7 + ["1.5"]) + "\n")
     (ck / "betas_short.txt").write_text("\n".join(["0.01"] * 5) + "\n")
     distil = server.run("distillate.py", DISTIL_DONE, cwd=folder, logs=logs)
@@ -321,6 +324,12 @@ CASES = [
          DISTIL + ["--base_checkpoint", "ck/student4.pt", "--schedule", "linear"], "base model"),
     Case("distil_a_one_step_grid_teacher", "distillate.py", DISTIL + ["--base_checkpoint", "ck/one_step_grid.pt"],
          "at least 2"),
+    Case("distil_teacher_steps_not_a_power_of_two", "distillate.py",
+         DISTIL + ["--base_checkpoint", "ck/linear8.pt", "--teacher_steps", 6], "power of two"),
+    Case("distil_teacher_steps_above_the_teachers", "distillate.py",
+         DISTIL + ["--base_checkpoint", "ck/linear8.pt", "--teacher_steps", 16], "teacher's 8 steps"),
+    Case("distil_teacher_steps_of_an_own_table_teacher", "distillate.py",
+         DISTIL + ["--base_checkpoint", VALID, "--teacher_steps", 4], "own cosine table"),
     # sample.py
     Case("sample_time_scale_not_dividing", "sample.py",
          SAMPLE + ["--checkpoint", VALID, "--out_file", "out.png", "--time_scale", 3], "time_scale"),

@@ -268,6 +268,30 @@ def test_base_loss_is_the_mse_of_the_output_and_a_change_of_prediction_keeps_the
         assert imitation.max() < 1e-6, (teacher_prediction, prediction, float(imitation.max()))
 
 
+def test_a_change_of_prediction_weighted_snr_is_the_mse_of_eps():
+    """imitation_loss of a v student against an eps teacher, weighted "snr", is the MSE between the teacher's eps
+    and the eps the student's v implies (eps = sigma z + alpha v), recomputed here; "snr+1" is the MSE of v."""
+    betas = make_beta_schedule("linear", 1000)
+    grid = model_grid(betas)
+    alpha, sigma = alpha_sigma_tables(betas)
+    g = torch.Generator().manual_seed(8)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    x = SCALE * torch.randn(64, 1, 2, 2, generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    a, s = alpha[t].reshape(-1, 1, 1, 1), sigma[t].reshape(-1, 1, 1, 1)
+    z = (a * x + s * eps).float()
+    teacher = GaussianNetwork(betas, "eps")
+    off = torch.linspace(-0.2, 0.3, 4).reshape(1, 1, 2, 2)
+    student = lambda z_, label: GaussianNetwork(betas, "v")(z_, label) + off
+    teacher_eps = teacher(z, grid.label(999 - t, x)).double()
+    student_eps = s * z.double() + a * student(z, grid.label(999 - t, x)).double()
+    by_hand = {"snr": ((student_eps - teacher_eps) ** 2).flatten(1).mean(1), "snr+1": (off.double() ** 2).mean().expand(64)}
+    for weighting, expected in by_hand.items():
+        loss = imitation_loss(student, x, Draws(t, eps), {}, teacher=teacher, grid=grid, teacher_prediction="eps",
+                              prediction="v", weighting=weighting)
+        assert torch.allclose(loss.double(), expected, rtol=1e-3, atol=1e-8), weighting
+
+
 # -- through the scripts ------------------------------------------------------------------------------
 
 def record(path):
@@ -302,6 +326,14 @@ def test_a_1000_step_linear_eps_teacher_distils_to_one_step_through_the_scripts(
     # the teacher itself samples on any trailing subset of its 1000 steps
     run("sample.py", "--module", "toy_u", "--checkpoint", "checkpoints/eps/teacher/checkpoint.pt", "--steps", 10,
         "--num_images", 4, "--out_npz", "ten.npz", "--float_samples", "True", "--device", "cpu")
+    # --teacher_steps 64: the first halving distils the v copy's DDIM on the trailing 64 of its 1000 levels
+    out = run("distillate.py", "--module", "toy_u", "--name", "eps", "--dname", "short", "--num_stages", 2,
+              "--base_checkpoint", "checkpoints/eps/teacher/checkpoint.pt", "--num_iters", 2, "--batch_size", 8,
+              "--teacher_steps", 64, *FAST).stdout
+    assert "sampled on 64 of them" in out
+    for k, points in enumerate((32, 16)):
+        student = record(tmp_path / f"checkpoints/eps/short_{k}/checkpoint.pt")
+        assert student["grid"] == trailing(1000, points) and student["n_timesteps"] == points, k
     refused = run("export_checkpoint.py", "checkpoints/eps/base_3/checkpoint.pt", "exported", "--for_original", "True",
                   "--module", "toy_u", check=False)
     assert refused.returncode == 2 and "original's sample.py" in refused.stderr
