@@ -177,6 +177,12 @@ def output_weight(prediction, alpha, sigma):
 X_ERROR_WEIGHTINGS = ("snr+1", "snr", "truncated_snr", "constant")
 
 
+def output_mse_weighting(prediction):
+    """The weighting under which the weighted x error is the plain MSE of the output (output_weight times it is
+    1): snr for eps (Ho et al.'s L_simple), constant for x, snr+1 for v."""
+    return {"eps": "snr", "x": "constant", "v": "snr+1"}[prediction]
+
+
 def x_error_weight(weighting, alpha, sigma):
     """The weight of |x_hat - x|^2 at a level (Salimans & Ho Sec. 4), SNR = alpha^2/sigma^2: "snr+1" (the MSE
     of v), "snr" (the MSE of eps, Ho et al.'s L_simple), "truncated_snr" max(SNR, 1), "constant" (the MSE of x)."""

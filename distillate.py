@@ -45,7 +45,7 @@ from checkpoints import (CHECKPOINT_NAME, OWN_COSINE_TABLE, SCHEDULE_GRID, check
                          checkpoint_conditioning, checkpoint_grid, checkpoint_prediction, checkpoint_schedule,
                          checkpoint_time_labels, continued_checkpoint, load_checkpoint, same_schedule, schedule_record)
 from cli import UserError, main_guard
-from diffusion import grid_indices
+from diffusion import grid_indices, output_mse_weighting
 from guidance import ClassifierFreeGuidance
 from lr_schedules import check_training_arguments
 from runtime import RunContext
@@ -237,12 +237,15 @@ def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, kind=
               f"({len(student_grid)} steps, time scale {meta['time_scale']:g})")
     else:
         guided = ClassifierFreeGuidance(teacher, record["null_label"]) if kind == "guidance" else teacher
+        # stage one of guidance distillation is a v regression; a change of prediction is measured, by default, in
+        # the teacher's own output, where its training made it accurate (the MSE of eps for an eps teacher)
+        weighting = "snr+1" if kind == "guidance" else args.prediction_weighting or output_mse_weighting(teacher_prediction)
         loss = functools.partial(imitation_loss, teacher=guided, grid=teacher_grid,
-                                 teacher_prediction=teacher_prediction, prediction=prediction,
-                                 weighting=args.prediction_weighting if kind == "prediction" else "snr+1")
+                                 teacher_prediction=teacher_prediction, prediction=prediction, weighting=weighting)
         n_levels, eps_dtype = n, torch.float32
         what = (f"under guidance w in [{args.w_min:g}, {args.w_max:g}] (a w-input model, same steps)"
-                if kind == "guidance" else f"(same steps, predicting {prediction} instead of {teacher_prediction})")
+                if kind == "guidance" else f"(same steps, predicting {prediction} instead of {teacher_prediction}, "
+                                           f"the x error weighted {weighting})")
         print(f"{'Guidance distillation, stage one' if kind == 'guidance' else 'Change of prediction'}: "
               f"{teacher_path} ({n} steps) into {checkpoint_dir} {what}")
     stage = Stage(student, loss, n_levels, eps_dtype, record, extra_args_fn(module), student_grid, checkpoint_dir,

@@ -23,7 +23,7 @@ from checkpoints import (OWN_COSINE_TABLE, SCHEDULE_GRID, checkpoint_channel_ord
                          schedule_record)
 from cli import UserError, main_guard
 from diffusers_unet import DiffusersUNet
-from diffusion import model_grid, rescale_zero_terminal_snr
+from diffusion import model_grid, output_mse_weighting, rescale_zero_terminal_snr
 from lr_schedules import check_training_arguments
 from runtime import RunContext
 from train_flags import schedule_from_args, train_argument_parser
@@ -84,7 +84,7 @@ def main(argv=None):
     model = (resume and network_of(*resume)) or make_user_model(module)
     dataset = make_user_dataset(module)
     check_image_shape(model, dataset, module)
-    weighting = args.weighting or {"eps": "snr", "x": "constant", "v": "snr+1"}[prediction]
+    weighting = args.weighting or output_mse_weighting(prediction)
 
     # A continued file keeps its time labels (at time scale 1 both conventions give the label i) and its
     # channel order; a new one takes the data's. The original's schedule keeps the noise_levels record of every

@@ -164,9 +164,10 @@ def distill_argument_parser(description):
                         help="the first halving of a teacher on its schedule's grid of S steps distils its DDIM on the "
                              "trailing P points of that grid, P a power of two <= S (unset: the largest); the "
                              "student has P/2 steps")
-    parser.add_argument("--prediction_weighting", default="snr+1", choices=X_ERROR_WEIGHTINGS,
+    parser.add_argument("--prediction_weighting", default=None, choices=X_ERROR_WEIGHTINGS,
                         help="weight of the x error in that change of prediction: snr+1 (the MSE of v), snr (the "
-                             "MSE of eps), truncated_snr (max(SNR, 1)), constant (the MSE of x)")
+                             "MSE of eps), truncated_snr (max(SNR, 1)), constant (the MSE of x); unset: the MSE of "
+                             "the teacher's own prediction (snr for an eps teacher)")
     group = parser.add_argument_group("a teacher file without records (e.g. the original's or another library's)")
     group.add_argument("--teacher_prediction", default=None, choices=PREDICTIONS,
                        help="what the teacher predicts (unset: its record, else v); refused if it contradicts the record")

@@ -11,8 +11,8 @@ import torch
 import samplers
 from checkpoints import checkpoint_grid
 from diffusion import (PREDICTIONS, X_ERROR_WEIGHTINGS, alpha_sigma_tables, check_betas, distillation_target,
-                       grid_indices, make_beta_schedule, model_grid, output_weight, predict_start, prediction_target,
-                       rescale_zero_terminal_snr, training_target, two_teacher_steps, x_error_weight)
+                       grid_indices, make_beta_schedule, model_grid, output_mse_weighting, output_weight, predict_start,
+                       prediction_target, rescale_zero_terminal_snr, training_target, two_teacher_steps, x_error_weight)
 from train_utils import Draws, distillation_loss, imitation_loss, training_loss
 
 FAST = ["--num_workers", "0", "--device", "cpu", "--log_images", "0"]
@@ -243,7 +243,7 @@ def test_the_two_step_teacher_as_a_student_has_zero_loss_for_every_parameterisat
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_base_loss_is_the_mse_of_the_output_and_a_change_of_prediction_keeps_the_network(prediction):
-    """training_loss with each prediction's own weighting (eps: snr, x: constant, v: snr+1) is the plain MSE of
+    """training_loss with each prediction's own weighting (output_mse_weighting) is the plain MSE of
     the output: a network off its target by 0.1 everywhere has loss 0.01 at every level. imitation_loss of the
     exact network of one prediction against the exact network of another is 0."""
     betas = make_beta_schedule("linear", 1000)
@@ -255,7 +255,7 @@ def test_base_loss_is_the_mse_of_the_output_and_a_change_of_prediction_keeps_the
     eps = torch.randn(x.shape, generator=g)
     a, s = alpha[t].reshape(-1, 1, 1, 1), sigma[t].reshape(-1, 1, 1, 1)
     off = lambda z, label: training_target(prediction, x.double(), eps.double(), a, s) + 0.1
-    weighting = {"eps": "snr", "x": "constant", "v": "snr+1"}[prediction]
+    weighting = output_mse_weighting(prediction)
     loss = training_loss(off, x, Draws(t, eps), {}, grid=grid, prediction=prediction, weighting=weighting)
     assert (loss - 0.01).abs().max() < 1e-6
     other = training_loss(off, x, Draws(t, eps), {}, grid=grid, prediction=prediction, weighting="truncated_snr")
