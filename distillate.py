@@ -280,6 +280,9 @@ def main(argv=None):
                         "give --gamma 0, or --weighting snr+1 for the original's weighted loss")
     base = described_teacher(load_checkpoint(args.base_checkpoint), args, args.base_checkpoint)  # fail early
     check_teacher_steps(args.teacher_steps, base, args.base_checkpoint)
+    if not args.num_stages and checkpoint_prediction(base) == args.prediction and not args.guidance_distill:
+        raise UserError(f"--num_stages 0 leaves nothing to do: {args.base_checkpoint} already predicts "
+                        f"{args.prediction}; give the number of halvings")
     ctx = RunContext(args)
     torch.manual_seed(args.seed)
     module = load_user_module(args.module)

@@ -175,8 +175,9 @@ def distill_argument_parser(description):
     parser.add_argument("--gamma", type=finite_float, default=0.0,
                         help="the original's weight w = (1 + alpha/sigma)^gamma: the loss is "
                              "mse(w v_student, w v_target) (snr+1 and original weightings; 0: none)")
-    parser.add_argument("--num_stages", type=positive_int, default=1,
-                        help="halvings to run: 1 writes <dname>, K > 1 writes <dname>_0 ... <dname>_(K-1)")
+    parser.add_argument("--num_stages", type=nonnegative_int, default=1,
+                        help="halvings to run: 1 writes <dname>, K > 1 writes <dname>_0 ... <dname>_(K-1); 0: only "
+                             "the change of prediction or guidance stage one, into <dname>")
     add_training_arguments(
         parser, lr=0.3 * 5e-5, scheduler="StrategyLinearLR", num_iters=5000, ema_decay=0.0,
         dname_help="stage name: output goes to ./checkpoints/<name>/<dname>/ (<dname>_k with --num_stages); "

@@ -324,6 +324,8 @@ CASES = [
          DISTIL + ["--base_checkpoint", "ck/student4.pt", "--schedule", "linear"], "base model"),
     Case("distil_a_one_step_grid_teacher", "distillate.py", DISTIL + ["--base_checkpoint", "ck/one_step_grid.pt"],
          "at least 2"),
+    Case("distil_no_stage_at_all", "distillate.py", DISTIL + ["--base_checkpoint", VALID, "--num_stages", 0],
+         "nothing to do"),
     Case("distil_teacher_steps_not_a_power_of_two", "distillate.py",
          DISTIL + ["--base_checkpoint", "ck/linear8.pt", "--teacher_steps", 6], "power of two"),
     Case("distil_teacher_steps_above_the_teachers", "distillate.py",

@@ -326,6 +326,12 @@ def test_a_1000_step_linear_eps_teacher_distils_to_one_step_through_the_scripts(
     # the teacher itself samples on any trailing subset of its 1000 steps
     run("sample.py", "--module", "toy_u", "--checkpoint", "checkpoints/eps/teacher/checkpoint.pt", "--steps", 10,
         "--num_images", 4, "--out_npz", "ten.npz", "--float_samples", "True", "--device", "cpu")
+    # --num_stages 0: only the change of prediction, into <dname>
+    run("distillate.py", "--module", "toy_u", "--name", "eps", "--dname", "copy", "--num_stages", 0,
+        "--base_checkpoint", "checkpoints/eps/teacher/checkpoint.pt", "--num_iters", 2, "--batch_size", 8, *FAST)
+    copy = record(tmp_path / "checkpoints/eps/copy/checkpoint.pt")
+    assert (copy["stage"], copy["prediction"], copy["grid"]) == ("prediction", "v", teacher["grid"])
+    assert not os.path.exists(tmp_path / "checkpoints/eps/copy_0")
     # --teacher_steps 64: the first halving distils the v copy's DDIM on the trailing 64 of its 1000 levels
     out = run("distillate.py", "--module", "toy_u", "--name", "eps", "--dname", "short", "--num_stages", 2,
               "--base_checkpoint", "checkpoints/eps/teacher/checkpoint.pt", "--num_iters", 2, "--batch_size", 8,
