@@ -37,7 +37,7 @@ evaluate-eps: $(VENV)/.installed  ## the shipped eps-teacher chains measured: ch
 	    checkpoints/digits_eps/x_*/checkpoint.pt --nfe 1,2,4,8,16,32 --num_images 1000 --chunk_size 1000 --seed 0 \
 	    --device cpu --samplers ddim --out checkpoints/digits_eps/evaluation_x
 
-reproduce-digits-eps: $(VENV)/.installed  ## a 1000-step linear-schedule eps teacher trained and distilled to one step (v students) and to 32 (x students), evaluation included
+reproduce-digits-eps: $(VENV)/.installed  ## a 1000-step linear-schedule eps teacher trained and distilled to one step (v students) and to 8 (x students), evaluation included
 	bash bench/reproduce_digits_eps.sh
 
 reproduce-digits: $(VENV)/.installed  ## rerun the whole digits chain from scratch (about 45 minutes on 2 CPU cores)

@@ -38,7 +38,7 @@ def main(argv=None):
     if not os.path.isdir(args.run):
         raise SystemExit(f"error: {args.run} is not a run folder")
     stages = sorted((d for d in os.listdir(args.run) if os.path.isdir(os.path.join(args.run, d, "tensorboard"))),
-                    key=lambda d: (d != "original", not d.endswith("_w"), len(d), d))  # in chain order
+                    key=lambda d: (d != "original", not d.endswith(("_w", "_v", "_x")), len(d), d))  # in chain order
     rows, total = [], {"train": 0.0, "distill": 0.0}
     for stage in stages:
         steps, seconds = stage_time(os.path.join(args.run, stage))
@@ -47,8 +47,8 @@ def main(argv=None):
         rows.append(f"| {stage} | {steps} | {seconds / 60:.1f} | {steps / seconds:.2f} |")
     lines = [f"Training time of `{args.run}` ({args.machine}), from its TensorBoard logs (`bench/training_time.py`).",
              "", "| stage | steps | minutes | steps per second |", "|---|---:|---:|---:|"] + rows + [
-             "", f"Base model: {total['train'] / 60:.1f} minutes; every distillation stage together: "
-             f"{total['distill'] / 60:.1f} minutes."]
+             "", (f"Base model: {total['train'] / 60:.1f} minutes; every" if "original" in stages else "Every")
+             + f" distillation stage together: {total['distill'] / 60:.1f} minutes."]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -217,7 +217,7 @@ def test_an_original_file_exports_with_the_images_of_sample_py(tmp_path, origina
     assert (x - expected).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("stage", ["digits/base_4", "digits_eps/base_6", "digits_cond/original"])
+@pytest.mark.parametrize("stage", ["digits/base_4", "digits_eps/base_4", "digits_cond/original"])
 def test_the_shipped_chains_export_with_the_images_of_their_files(tmp_path, stage):
     """The shipped 4-step students of the cosine/v and the linear-eps chains, and the conditional teacher (with class
     labels): the folder's scheduler gives the file's DDIM images (bench/diffusers_exports.md has every stage)."""
