@@ -127,6 +127,8 @@ def eps_distil_commands():
     distil = shlex.split(text.split("DISTIL=(", 1)[1].split(")", 1)[0])
     commands = {}
     for line in text.splitlines():
+        if "distillate.py" not in line or line.lstrip().startswith("#"):
+            continue
         words = shlex.split(line.replace('"${DISTIL[@]}"', "").rstrip("& "))
         words = words[1:] if words and words[0].startswith("OMP_NUM_THREADS=") else words
         if words[:2] == ["python", "distillate.py"]:
