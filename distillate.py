@@ -29,8 +29,9 @@ stage one's optimizer steps (default: --num_iters, as each halving). Reruns resu
 A teacher of another schedule or parameterisation (train.py --schedule linear --prediction eps, or a file without
 records described by --schedule and --teacher_prediction) is distilled as it is: a teacher that predicts other
 than --prediction (default v) is first turned into one that does (<dname>_<prediction>, the teacher's steps,
-trained to match the teacher's prediction at every level), then halved on nested trailing grids of its
-schedule's levels (halving_levels), down to one step from any step count:
+trained to match the teacher's prediction at every level), then halved on nested grids of its
+schedule's levels (halving_levels; --halving_grid: the cosine schedule's levels or the trailing ones), down to one
+step from any step count:
 
     python distillate.py --module digits_u --name eps --dname base --num_stages 9 \
         --base_checkpoint ./checkpoints/eps/original/checkpoint.pt
@@ -93,13 +94,14 @@ def described_teacher(ckpt, args, source):
     return ckpt
 
 
-def halving_levels(teacher_ckpt, source, points=None):
+def halving_levels(teacher_ckpt, source, points=None, spacing="cosine"):
     """(the teacher's grid that the halving distils, the student's level records). A teacher on its own cosine
     table of even N steps gets a student on the fresh table of N/2 steps at twice the time scale (as the
-    original). A teacher on its schedule's grid of S points is sampled on the trailing P points of it (P the
-    given power of two <= S, by default the largest: the teacher's DDIM at P steps, all S when S is a power of
-    two), and its student takes every other one of them, noisiest first: so the grids of a chain nest down to
-    one step, and each student's time labels are the base indices of its levels, as for the teacher."""
+    original). A teacher on its schedule's grid of S points is sampled on P of them (P the given power of two
+    <= S, by default the largest: all S when S is a power of two), chosen by spacing "cosine" (the levels of
+    the cosine schedule's P steps, by log-SNR) or "trailing" (every S/P-th), and its student takes every other
+    one of them, noisiest first: so the grids of a chain nest down to one step, and each student's time labels
+    are the base indices of its levels, as for the teacher."""
     n, time_scale = int(teacher_ckpt["n_timesteps"]), teacher_ckpt["time_scale"]
     teacher_grid = checkpoint_grid(teacher_ckpt)
     if teacher_ckpt.get("noise_levels", OWN_COSINE_TABLE) == OWN_COSINE_TABLE:
@@ -111,7 +113,8 @@ def halving_levels(teacher_ckpt, source, points=None):
     if n < 2:
         raise UserError(f"cannot distil {source}: it samples in {n} step; a teacher needs at least 2")
     points = points or 1 << (n.bit_length() - 1)
-    teacher_grid = teacher_grid.take(grid_indices(n, select_steps(teacher_grid, points, "time")))
+    schedule = {"cosine": "cosine", "trailing": "time"}[spacing]
+    teacher_grid = teacher_grid.take(grid_indices(n, select_steps(teacher_grid, points, schedule)))
     student = [int(label) for label in teacher_grid.labels[0::2]]
     base = len(checkpoint_schedule(teacher_ckpt)[1])
     return teacher_grid, {"n_timesteps": len(student), "time_scale": base / len(student), "time_labels": "aligned",
@@ -211,7 +214,7 @@ def distill_stage(args, ctx, module, dataset, teacher_path, dname, resume, kind=
         levels, prediction = same_levels, args.prediction
         student = model_for_checkpoint(module, teacher_ckpt, teacher_path)
     else:
-        teacher_grid, levels = halving_levels(teacher_ckpt, teacher_path, teacher_steps)
+        teacher_grid, levels = halving_levels(teacher_ckpt, teacher_path, teacher_steps, args.halving_grid)
         prediction = args.prediction
         student = model_for_checkpoint(module, teacher_ckpt, teacher_path)
     channel_order = checkpoint_channel_order(teacher_ckpt)  # the student keeps its teacher's order

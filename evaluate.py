@@ -129,7 +129,8 @@ def make_argument_parser():
     parser.add_argument("--guidance", type=weight_list, default="0,0.5,1,2,4",
                         help="class-conditional models: the guidance weights w; every row is measured at each")
     parser.add_argument("--step_schedule", default="time", choices=samplers.STEP_SCHEDULES,
-                        help="which indices the base model visits at fewer NFE: time-uniform or uniform in log-SNR")
+                        help="which indices the base model visits at fewer NFE: time-uniform, uniform in log-SNR or "
+                             "the cosine schedule's levels")
     parser.add_argument("--clipping_value", "--ddim_clip", dest="clipping_value", type=nonnegative_float, default=0.0,
                         help="clip DDIM's x and eps predictions at +-value (0: no clipping)")
     parser.add_argument("--features", default="classifier", choices=["classifier", "inception"],

@@ -42,8 +42,9 @@ def add_sampler_arguments(parser, default_sampler):
     group.add_argument("--steps", type=nonnegative_int, default=0,
                        help="steps to visit, i.e. network calls per image without guidance (0: every step of the model)")
     group.add_argument("--step_schedule", default="time", choices=samplers.STEP_SCHEDULES,
-                       help="which indices --steps visits: time-uniform (every k-th, ending at k-1) or uniform in "
-                            "log-SNR (the noisiest index, then the rest spaced from the next one)")
+                       help="which indices --steps visits: time-uniform (every k-th, ending at k-1), uniform in "
+                            "log-SNR (the noisiest index, then the rest spaced from the next one), or cosine (the "
+                            "levels of the cosine schedule's --steps steps, by log-SNR)")
     group.add_argument("--step_indices", type=index_list, default=None,
                        help="visit exactly these step indices, e.g. 127,63,31,0 (instead of --steps and --step_schedule)")
     group.add_argument("--time_scale", type=positive_int, default=1,

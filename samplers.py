@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 import seeding
-from diffusion import (ddim_sigma, ddim_step, forward_transition, half_log_snr, posterior, predict_eps_from_start,
-                       predict_start)
+from diffusion import (alpha_sigma_tables, ddim_sigma, ddim_step, forward_transition, half_log_snr,
+                       make_beta_schedule, posterior, predict_eps_from_start, predict_start)
 
 
 def denoise(model, z, grid, i, extra_args, prediction="v", clip_value=None):
@@ -171,7 +171,7 @@ def per_image_noise(indices, seed):
 
 # -- choosing the points of a model's grid ----------------------------------------------------------
 
-STEP_SCHEDULES = ("time", "logsnr")
+STEP_SCHEDULES = ("time", "logsnr", "cosine")
 
 
 def select_steps(grid, count, schedule="time"):
@@ -183,6 +183,11 @@ def select_steps(grid, count, schedule="time"):
         taken, the noisiest replaced by N-1, where the noise starts (the clamped last beta puts index N-1
         far below the rest, at log-SNR -19.9 against -13.0 for N-2 at N = 128: spacing from it would
         spend several calls on pure noise);
+    "cosine": the levels of the cosine schedule's grid of count steps (Nichol & Dhariwal 2021, times
+        count/count, ..., 1/count), each the index of nearest log-SNR not yet taken, the noisiest N-1: the
+        cosine model's own spacing on any schedule, so the levels of count/2 are every other one of count
+        while no two fall on one index (on DDPM's linear schedule of 1000 steps, up to 128: 4 steps visit 999,
+        435, 260, 124 against time's 999, 749, 499, 249);
     a sequence of indices: those, sorted high to low (count 0 or their number).
     ValueError for indices or counts the model does not have.
     """
@@ -203,7 +208,11 @@ def select_steps(grid, count, schedule="time"):
     if schedule == "time":
         return [(2 * (j + 1) * n + count) // (2 * count) - 1 for j in range(count - 1, -1, -1)]
     lam = 2 * half_log_snr(grid.alphas[:-1], grid.sigmas[:-1]).flip(0)  # by index i: decreasing in i
-    targets = torch.linspace(float(lam[n - 2]), float(lam[0]), count, dtype=torch.float64)[1:]
+    if schedule == "logsnr":
+        targets = torch.linspace(float(lam[n - 2]), float(lam[0]), count, dtype=torch.float64)[1:]
+    else:
+        alpha, sigma = alpha_sigma_tables(make_beta_schedule("cosine", count))  # index j: time (j + 1)/count
+        targets = 2 * half_log_snr(alpha, sigma).flip(0)[1:]
     chosen, high = [n - 1], n - 2
     for j, target in enumerate(targets):
         low = count - 2 - j  # leave one index for each level still to place

@@ -161,9 +161,14 @@ def distill_argument_parser(description):
     parser.add_argument("--prediction_num_iters", type=positive_int, default=None,
                         help="optimizer steps of that change of prediction (unset: --num_iters)")
     parser.add_argument("--teacher_steps", type=positive_int, default=None,
-                        help="the first halving of a teacher on its schedule's grid of S steps distils its DDIM on the "
-                             "trailing P points of that grid, P a power of two <= S (unset: the largest); the "
-                             "student has P/2 steps")
+                        help="the first halving of a teacher on its schedule's grid of S steps distils its DDIM on "
+                             "P points of that grid (--halving_grid), P a power of two <= S (unset: the largest); "
+                             "the student has P/2 steps")
+    parser.add_argument("--halving_grid", default="cosine", choices=["cosine", "trailing"],
+                        help="which P points of a teacher on its schedule's grid the first halving samples: cosine "
+                             "(the levels of the cosine schedule's P steps, matched by log-SNR: the spacing of the "
+                             "original's students on any schedule) or trailing (every N/P-th, DDIM's 'trailing' "
+                             "spacing); later halvings take every other point, so the grids nest")
     parser.add_argument("--prediction_weighting", default=None, choices=X_ERROR_WEIGHTINGS,
                         help="weight of the x error in that change of prediction: snr+1 (the MSE of v), snr (the "
                              "MSE of eps), truncated_snr (max(SNR, 1)), constant (the MSE of x); unset: the MSE of "

@@ -2,10 +2,12 @@
 # A "user's own" teacher distilled to one step: DDPM's setting (linear schedule 1e-4 ... 0.02, 1000 steps,
 # eps-prediction) trained by train.py on the digits -> its float16 copy, the teacher of every stage and the reference
 # of the evaluation -> a change of prediction to v at its 1000 steps (3,200 steps, the x error weighted as the
-# teacher's own eps MSE) -> 7 halvings, the first from the v copy's DDIM on the trailing 128 of its levels (64 -> 32,
-# ..., 1 steps; 1,600 steps each); the alternative student (x-prediction) the same way for 4 halvings (64 ... 8
-# steps) -> two shorter v copies (800 steps, weighted as the MSE of v and of eps) -> slim float16 copies in
-# checkpoints/digits_eps/ -> the evaluation and the change-of-prediction table.
+# teacher's own eps MSE) -> 7 halvings, the first from the v copy's DDIM on 128 of its levels, those of the cosine
+# schedule's 128 steps (--halving_grid cosine, the default; 64 -> 32, ..., 1 steps; 1,600 steps each); the
+# alternative student (x-prediction) for 4 halvings (64 ... 8 steps) on the trailing 128 levels (DDIM's 'trailing'
+# spacing; compare it with the v chain on the same levels, bench/tried_digits_eps.sh) -> two shorter v copies (800
+# steps, weighted as the MSE of v and of eps) -> slim float16 copies in checkpoints/digits_eps/ -> the evaluation
+# and the change-of-prediction table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,7 +23,7 @@ $PY train.py --module digits_u --name "$RUN" --dname original --schedule linear 
 $PY export_checkpoint.py "checkpoints/$RUN/original/checkpoint.pt" "$OUT/original" --half True
 # the v and x chains are independent: one core each
 OMP_NUM_THREADS=1 $PY distillate.py "${DISTIL[@]}" --dname base --prediction v --num_stages 7 &
-OMP_NUM_THREADS=1 $PY distillate.py "${DISTIL[@]}" --dname x --prediction x --num_stages 4 &
+OMP_NUM_THREADS=1 $PY distillate.py "${DISTIL[@]}" --dname x --prediction x --num_stages 4 --halving_grid trailing &
 wait
 # two shorter v copies for the change-of-prediction table: 800 steps, weighted as the MSE of v and of eps
 for weighting in snr+1 snr; do

@@ -51,8 +51,9 @@ def chain(tmp_path_factory):
     # an x-predicting base of the same schedule: a random eps network's DDIM images are all clipped (x = z / 0.0064)
     save_pipeline(folder / "x-digits", scheduler=DDIMScheduler(beta_schedule="linear", prediction_type="sample"))
     run = lambda *args: run_script(*args, cwd=folder)
+    # on the trailing levels, whose 4 of 1000 are diffusers' own trailing DDIM steps
     run("distillate.py", "--module", "digits_u", "--name", "d", "--dname", "base", "--num_stages", 9,
-        "--base_checkpoint", "ddpm-digits", "--num_iters", 2, "--batch_size", 4, *FAST)
+        "--base_checkpoint", "ddpm-digits", "--num_iters", 2, "--batch_size", 4, "--halving_grid", "trailing", *FAST)
     run("train.py", "--module", "digits_u", "--name", "d", "--dname", "tuned", "--checkpoint_to_continue",
         "ddpm-digits", "--num_iters", 2, "--batch_size", 4, "--ema_decay", 0, *FAST)
     return folder

@@ -35,6 +35,8 @@ def save_toy(path, **record):
     (["--sampler", "ddim"], SamplerSpec("ddim", {"eta": 0.0, "clip_value": None})),
     (["--clipped_sampling", "True", "--clipping_value", 0], SamplerSpec("ddim", {"eta": 0.0, "clip_value": None})),
     (["--sampler", "dpmpp_2m", "--steps", 8, "--step_schedule", "logsnr"], SamplerSpec("dpmpp_2m", {}, 8, "logsnr")),
+    (["--sampler", "ddim", "--steps", 4, "--step_schedule", "cosine"],
+     SamplerSpec("ddim", {"eta": 0.0, "clip_value": None}, 4, "cosine")),
     (["--sampler", "stochastic", "--step_indices", "3,15,7"], SamplerSpec("stochastic", {}, 0, (3, 15, 7))),
     (["--time_scale", 4, "--eta", 0], SamplerSpec("ancestral", {}, coarsen=4)),
 ])

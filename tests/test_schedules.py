@@ -154,6 +154,47 @@ def test_halving_a_trailing_grid_gives_the_trailing_grid_of_half_the_size(n):
     assert trailing(n, 1) == [n - 1]
 
 
+def cosine_alphas_cumprod(t, s=0.008):
+    """Nichol & Dhariwal's alpha-bar(t) = f(t)/f(0), f(t) = cos^2((t + s)/(1 + s) pi/2), in closed form."""
+    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    return f(t) / f(0)
+
+
+def test_cosine_spacing_takes_the_nearest_log_snr_of_the_cosine_levels_and_nests():
+    """On DDPM's linear schedule (alpha-bar as the product of 1 - beta, beta from 1e-4 to 0.02 in closed form): the
+    P points of --halving_grid cosine are N-1 and, at times j/P, the index whose log-SNR is nearest the cosine
+    schedule's; every other point of P is the grid of P/2, down to one step, while no two cosine levels fall on one
+    index (P <= 128 of 1000; at 512 the noisiest levels crowd and move to free indices); on a cosine model of
+    1024 steps the spacing is the trailing one."""
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    log_snr, product = [], 1.0
+    for beta in betas:
+        product *= 1 - beta
+        log_snr.append(math.log(product / (1 - product)))
+    full = model_grid(make_beta_schedule("linear", 1000))
+    for points in (2, 4, 8, 16):
+        expected = [999] + [min(range(1000), key=lambda i: abs(log_snr[i] - math.log(a / (1 - a))))
+                            for a in (cosine_alphas_cumprod(j / points) for j in range(points - 1, 0, -1))]
+        assert samplers.select_steps(full, points, "cosine") == expected, points
+    assert samplers.select_steps(full, 4, "cosine") == [999, 435, 260, 124]  # as the docstring and README say
+    assert samplers.select_steps(full, 4, "time") == [999, 749, 499, 249]
+    alphas_cumprod = [math.exp(-math.log1p(math.exp(-value))) for value in log_snr]  # sigmoid(log-SNR)
+    assert [round(math.sqrt(1 - alphas_cumprod[i]), 2) for i in (124, 249)] == [0.39, 0.69]  # the last steps' sigma
+    assert round(math.sqrt(1 - cosine_alphas_cumprod(1 / 4)), 2) == 0.39  # the cosine 4-step student's last sigma
+    for points in (512, 256):
+        chosen = samplers.select_steps(full, points, "cosine")
+        assert len(set(chosen)) == points and chosen == sorted(chosen, reverse=True)
+    points = 128
+    while points >= 2:
+        chosen = samplers.select_steps(full, points, "cosine")
+        assert chosen[0::2] == samplers.select_steps(full, points // 2, "cosine"), points
+        points //= 2
+    assert samplers.select_steps(full, 1, "cosine") == [999]
+    cosine = model_grid(make_beta_schedule("cosine", 1024))
+    for points in (1, 2, 4, 64, 512):
+        assert samplers.select_steps(cosine, points, "cosine") == trailing(1024, points)
+
+
 def test_a_schedule_grid_record_gives_the_base_levels_and_labels():
     betas = make_beta_schedule("linear", 1000)
     alpha, sigma = alpha_sigma_tables(betas)
@@ -312,10 +353,13 @@ def test_a_1000_step_linear_eps_teacher_distils_to_one_step_through_the_scripts(
     reparameterised = record(tmp_path / "checkpoints/eps/base_v/checkpoint.pt")
     assert reparameterised["prediction"] == "v" and reparameterised["grid"] == teacher["grid"]
     assert reparameterised["stage"] == "prediction"
+    # --halving_grid cosine (the default): the cosine levels of 512 points, then every other one of the teacher's
+    levels = samplers.select_steps(model_grid(make_beta_schedule("linear", 1000)), 512, "cosine")
     for k in range(9):
         student = record(tmp_path / f"checkpoints/eps/base_{k}/checkpoint.pt")
         points = 256 >> k
-        assert student["grid"] == trailing(1000, points), k
+        levels = levels[0::2]
+        assert student["grid"] == levels, k
         assert (student["n_timesteps"], student["prediction"], student["noise_levels"]) == (points, "v", "schedule_grid")
         assert torch.equal(student["schedule"]["betas"], teacher["schedule"]["betas"])
         assert student["time_scale"] == 1000 / points
@@ -323,6 +367,8 @@ def test_a_1000_step_linear_eps_teacher_distils_to_one_step_through_the_scripts(
         "--out_npz", "one.npz", "--float_samples", "True", "--device", "cpu")
     samples = np.load(tmp_path / "one.npz")["samples"]
     assert samples.shape == (6, 2, 1, 1) and np.isfinite(samples).all()
+    assert [record(tmp_path / f"checkpoints/eps/base_{k}/checkpoint.pt")["grid"] for k in (6, 7, 8)] == \
+        [[999, 435, 260, 127], [999, 260], [999]]  # from 512 points, whose least noisy levels crowd up from 0
     # the teacher itself samples on any trailing subset of its 1000 steps
     run("sample.py", "--module", "toy_u", "--checkpoint", "checkpoints/eps/teacher/checkpoint.pt", "--steps", 10,
         "--num_images", 4, "--out_npz", "ten.npz", "--float_samples", "True", "--device", "cpu")
@@ -332,10 +378,11 @@ def test_a_1000_step_linear_eps_teacher_distils_to_one_step_through_the_scripts(
     copy = record(tmp_path / "checkpoints/eps/copy/checkpoint.pt")
     assert (copy["stage"], copy["prediction"], copy["grid"]) == ("prediction", "v", teacher["grid"])
     assert not os.path.exists(tmp_path / "checkpoints/eps/copy_0")
-    # --teacher_steps 64: the first halving distils the v copy's DDIM on the trailing 64 of its 1000 levels
+    # --teacher_steps 64 --halving_grid trailing: the first halving distils the v copy's DDIM on the trailing 64
+    # of its 1000 levels
     out = run("distillate.py", "--module", "toy_u", "--name", "eps", "--dname", "short", "--num_stages", 2,
               "--base_checkpoint", "checkpoints/eps/teacher/checkpoint.pt", "--num_iters", 2, "--batch_size", 8,
-              "--teacher_steps", 64, *FAST).stdout
+              "--teacher_steps", 64, "--halving_grid", "trailing", *FAST).stdout
     assert "sampled on 64 of them" in out
     for k, points in enumerate((32, 16)):
         student = record(tmp_path / f"checkpoints/eps/short_{k}/checkpoint.pt")

@@ -3,7 +3,6 @@ make: their stored arguments are the scripts' command lines, parsed by today's p
 the student of the one before. The guided models' accuracy in checkpoints/digits_cond/evaluation.csv is
 recomputed from their samples."""
 import csv
-import math
 import os
 import shlex
 
@@ -11,7 +10,10 @@ import pytest
 import torch
 
 import digits_cond_u
+import samplers
+from checkpoints import checkpoint_grid
 from conftest import ROOT
+from diffusion import grid_indices
 from sample_utils import SamplerSpec, generate, spec_grid
 from train_flags import distill_argument_parser, train_argument_parser
 from user_modules import guided_network, load_model_from_checkpoint
@@ -145,7 +147,8 @@ NOT_OF_THE_COPY = {"name", "num_stages", "teacher_steps", "num_iters"}
 @pytest.mark.parametrize("dname", EPS_CHAINS)
 def test_the_eps_teacher_chains_are_what_their_script_makes(dname):
     """The linear eps teacher (1000 steps) and each chain: the stored arguments are the script's, each stage is
-    the finished student of the one before, on the trailing grid of half the points of its teacher's."""
+    the finished student of the one before, on every other one of the points its teacher was sampled on (--halving_grid,
+    --teacher_steps)."""
     argv = eps_distil_commands()[dname]
     expected = vars(distill_argument_parser("").parse_args(argv))
     base = load("digits_eps", "original")
@@ -167,8 +170,11 @@ def test_the_eps_teacher_chains_are_what_their_script_makes(dname):
         if stage == stages[1]:
             assert ckpt["grid"] == base["grid"]
         else:
-            teacher = load("digits_eps", before)["grid"]
-            points = expected["teacher_steps"] if before.endswith("_v") or before.endswith("_x") else len(teacher)
-            trailing = [teacher[len(teacher) - math.floor((j + 1) * len(teacher) / points + 0.5)]
-                        for j in range(points - 1, -1, -1)]
-            assert ckpt["grid"] == trailing[0::2], stage
+            teacher = load("digits_eps", before)
+            sampled = teacher["grid"]  # a student's teacher: all its points; the copy: --teacher_steps of them
+            if before.endswith("_v") or before.endswith("_x"):
+                grid = checkpoint_grid(teacher)
+                spacing = {"cosine": "cosine", "trailing": "time"}[expected["halving_grid"]]
+                steps = samplers.select_steps(grid, expected["teacher_steps"], spacing)
+                sampled = [sampled[position] for position in grid_indices(len(grid), steps)]
+            assert ckpt["grid"] == sampled[0::2], stage
