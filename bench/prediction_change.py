@@ -60,16 +60,23 @@ def settings(ckpt, teacher_prediction):
     return f"{ckpt.get('step', '?')} steps, lr {run.get('lr', '?'):g}, x error weighted {weighting}"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def paired_parser(description):
+    """The flags of a paired comparison of DDIM images (this script's, bench/student_steps.py's): the user module,
+    the number of images and their noise seed, CPU threads, the markdown file to write."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--module", default="digits_u")
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--checkpoints", nargs="+", required=True)
-    parser.add_argument("--ranges", default="0:400,400:1000", help="step-index ranges low:high of the hybrids")
     parser.add_argument("--num_images", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True, help="the markdown table")
+    parser.add_argument("--out", required=True, help="the markdown file to write")
+    return parser
+
+
+def main(argv=None):
+    parser = paired_parser(__doc__)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--checkpoints", nargs="+", required=True)
+    parser.add_argument("--ranges", default="0:400,400:1000", help="step-index ranges low:high of the hybrids")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     module = load_user_module(args.module)

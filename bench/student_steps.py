@@ -9,7 +9,6 @@ starting noise (sample_utils.image_noise, --seed), deterministic DDIM over the m
 levels, then the student's from its k-th): the paired RMSE to the teacher's images. k = 0 is the student alone, k = n
 the teacher alone (0); the drop from k to k + 1 is what the student's step k adds, with what follows it.
 """
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ import torch  # noqa: E402
 from checkpoints import checkpoint_grid, checkpoint_prediction  # noqa: E402
 from diffusion import Grid  # noqa: E402
 from metrics import mean_and_standard_error, paired_rmse  # noqa: E402
-from prediction_change import Hybrid, images  # noqa: E402
+from prediction_change import Hybrid, images, paired_parser  # noqa: E402
 from user_modules import load_model_from_checkpoint, load_user_module  # noqa: E402
 
 
@@ -58,13 +57,8 @@ def table(module, teacher_path, student_path, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--module", default="digits_u")
+    parser = paired_parser(__doc__)
     parser.add_argument("--pairs", nargs="+", required=True, help="TEACHER:STUDENT checkpoint paths")
-    parser.add_argument("--num_images", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True, help="the markdown tables")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     module = load_user_module(args.module)
